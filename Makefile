@@ -1,0 +1,57 @@
+# AutoRetrain developer entry points. Everything installs into .venv from nothing.
+#   make demo   create .venv, install, run the demo on embedded defaults
+#   make test   create/update .venv with dev extras, lint, run the whole suite
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
+UV_VERSION := 0.13.9
+DEMO_ROOT ?= .autoretrain/demo
+
+.PHONY: help venv dev demo test lint format bench constraints clean
+
+help:
+	@echo "make demo        install and run the demo (local storage, SQLite, CPU)"
+	@echo "make test        install dev extras, lint, run the whole test suite"
+	@echo "make lint        ruff check"
+	@echo "make bench       run the benchmarks (results go to docs/benchmarks.md)"
+	@echo "make constraints re-resolve and re-pin constraints.txt"
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+# The stamp files make re-runs cheap: reinstall only when the pins change.
+$(VENV)/.installed: $(UV) pyproject.toml constraints.txt
+	$(UV) pip install --python $(BIN)/python -c constraints.txt -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(UV) pyproject.toml constraints.txt
+	$(UV) pip install --python $(BIN)/python -c constraints.txt -e ".[dev]"
+	@touch $(VENV)/.installed $@
+
+venv: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+demo: venv
+	$(BIN)/autoretrain demo --root $(DEMO_ROOT)
+
+lint: dev
+	$(BIN)/ruff check .
+
+test: dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: dev
+	$(UV) pip install --python $(BIN)/python -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+# Re-resolve from pyproject.toml and pin every version (as Airflow recommends).
+constraints: $(UV)
+	$(UV) pip compile --python $(BIN)/python --python-version 3.11 --all-extras \
+		--no-header --no-annotate -o constraints.txt pyproject.toml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

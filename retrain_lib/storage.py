@@ -1,0 +1,439 @@
+"""Storage: one interface over a local directory or an S3 bucket/prefix.
+
+Keys are POSIX-style relative paths (``catalog/vehicle/scenes/s1/manifest.json``) under one
+root. Every write is atomic for readers: locally a temp file in the target directory is
+renamed over the final name; on S3 an object becomes visible only when its single PUT (or
+multipart upload) completes. A reader therefore never sees half of a manifest.
+
+Moves copy first and delete the source only after every copy succeeded, so an interrupted
+move leaves a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from retrain_lib.errors import StorageError
+
+__all__ = [
+    "LocalStorage",
+    "S3Settings",
+    "S3Storage",
+    "Storage",
+    "join_key",
+    "open_storage",
+]
+
+ENV_S3_ENDPOINT = "AUTORETRAIN_S3_ENDPOINT_URL"
+ENV_S3_CONN_ID = "AUTORETRAIN_S3_CONN_ID"
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with '/', dropping empty parts and stray slashes."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key:
+        raise StorageError(f"invalid storage key {key!r}: expected a relative path like "
+                           "'catalog/vehicle/manifest.json'")
+    parts = PurePosixPath(key).parts
+    if any(p in ("..", ".") for p in parts):
+        raise StorageError(f"invalid storage key {key!r}: '.' and '..' are not allowed")
+    return "/".join(parts)
+
+
+class Storage(ABC):
+    """Operations every backend provides. Keys are relative to the backend's root."""
+
+    uri: str
+
+    def url(self, key: str) -> str:
+        """Full URI of ``key`` (for logs, manifests and MLflow tags)."""
+        return f"{self.uri.rstrip('/')}/{_check_key(key)}"
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Atomically publish ``data`` at ``key``."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read the object at ``key``; StorageError if missing."""
+
+    @abstractmethod
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        """Atomically upload a local file to ``key``."""
+
+    @abstractmethod
+    def get_file(self, key: str, local_path: str | Path) -> Path:
+        """Download ``key`` to ``local_path`` (complete or not at all)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive, sorted)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object exists at exactly ``key``."""
+
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one object; the destination appears atomically."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object (missing objects are fine)."""
+
+    # -- derived operations, shared by all backends ------------------------------------
+
+    def publish(self, key: str, data: bytes) -> None:
+        """Atomically publish a finished object (alias of :meth:`put_bytes`, named for intent)."""
+        self.put_bytes(key, data)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        """Publish ``obj`` as pretty JSON, atomically."""
+        self.put_bytes(key, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+                       .encode("utf-8"))
+
+    def get_json(self, key: str) -> Any:
+        """Read a JSON object; StorageError names the key when it is missing or not JSON."""
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StorageError(f"{self.url(key)}: not valid JSON ({exc})") from None
+
+    def list_children(self, prefix: str) -> list[str]:
+        """Names of the immediate 'folders' and objects under ``prefix``."""
+        base = join_key(prefix)
+        start = len(base) + 1 if base else 0
+        return sorted({key[start:].split("/", 1)[0] for key in self.list(base)})
+
+    def move(self, src: str, dst: str) -> None:
+        """Move one object: copy, then delete the source."""
+        self.copy(src, dst)
+        self.delete(src)
+
+    def move_prefix(self, src_prefix: str, dst_prefix: str) -> list[str]:
+        """Move every object under ``src_prefix`` to ``dst_prefix``; returns the new keys.
+
+        All copies finish before any source is deleted, so an interruption duplicates rather
+        than loses data, and re-running finishes the job.
+        """
+        src_base, dst_base = join_key(src_prefix), join_key(dst_prefix)
+        keys = self.list(src_base)
+        moved = []
+        for key in keys:
+            target = join_key(dst_base, key[len(src_base):])
+            self.copy(key, target)
+            moved.append(target)
+        for key in keys:
+            self.delete(key)
+        return moved
+
+    @contextmanager
+    def local_copy(self, key: str, scratch: str | Path | None = None) -> Iterator[Path]:
+        """Yield a local path holding ``key``: the file itself locally, a download on S3."""
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="autoretrain-") as tmp:
+            yield self.get_file(key, Path(tmp) / PurePosixPath(key).name)
+
+
+class LocalStorage(Storage):
+    """A directory on a local or mounted filesystem; the embedded default."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def path(self, key: str) -> Path:
+        """Filesystem path of ``key`` (local backend only)."""
+        return self.root / _check_key(key)
+
+    def url(self, key: str) -> str:
+        return str(self.path(key))
+
+    def _atomic_target(self, key: str) -> tuple[Path, Path]:
+        target = self.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{target.parent}: cannot create directory ({exc})") from None
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        return target, tmp
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target, tmp = self._atomic_target(key)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{target}: cannot write ({exc})") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self.path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such object") from None
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot read ({exc})") from None
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        target, tmp = self._atomic_target(key)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{local_path} -> {target}: cannot copy ({exc})") from None
+
+    def get_file(self, key: str, local_path: str | Path) -> Path:
+        source = self.path(key)
+        local_path = Path(local_path)
+        if not source.is_file():
+            raise StorageError(f"{source}: no such object")
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.parent / f".{local_path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, local_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{source} -> {local_path}: cannot copy ({exc})") from None
+        return local_path
+
+    @contextmanager
+    def local_copy(self, key: str, scratch: str | Path | None = None) -> Iterator[Path]:
+        path = self.path(key)
+        if not path.is_file():
+            raise StorageError(f"{path}: no such object")
+        yield path
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.path(prefix) if prefix else self.root
+        if base.is_file():
+            return [_check_key(prefix)]
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # an in-flight atomic write
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def copy(self, src: str, dst: str) -> None:
+        source = self.path(src)
+        if not source.is_file():
+            raise StorageError(f"{source}: no such object to copy")
+        self.put_file(source, dst)
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        # Remove now-empty folders up to the root so listings stay clean.
+        parent = path.parent
+        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where and how to reach S3. Unset fields fall back to boto3's usual sources."""
+
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        """Endpoint from AUTORETRAIN_S3_ENDPOINT_URL or AWS_ENDPOINT_URL; keys from boto3."""
+        return cls(endpoint_url=os.environ.get(ENV_S3_ENDPOINT)
+                   or os.environ.get("AWS_ENDPOINT_URL_S3")
+                   or os.environ.get("AWS_ENDPOINT_URL"))
+
+    @classmethod
+    def from_airflow_connection(cls, conn_id: str) -> S3Settings:
+        """Read an Airflow 'aws' connection: login/password keys, extra endpoint_url/region."""
+        try:
+            from airflow.sdk import Connection
+        except ImportError as exc:  # pragma: no cover - airflow is a dependency
+            raise StorageError(f"Airflow is not importable to read connection {conn_id!r}: "
+                               f"{exc}") from None
+        try:
+            conn = Connection.get(conn_id)
+        except Exception as exc:
+            raise StorageError(f"Airflow connection {conn_id!r} is not defined or unreadable "
+                               f"({exc}); define it (e.g. AIRFLOW_CONN_{conn_id.upper()}) or "
+                               "unset AUTORETRAIN_S3_CONN_ID") from None
+        extra = conn.extra_dejson or {}
+        return cls(
+            endpoint_url=extra.get("endpoint_url") or (conn.host or None),
+            region_name=extra.get("region_name"),
+            aws_access_key_id=conn.login or extra.get("aws_access_key_id"),
+            aws_secret_access_key=conn.password or extra.get("aws_secret_access_key"),
+            aws_session_token=extra.get("aws_session_token"),
+        )
+
+
+class S3Storage(Storage):
+    """A bucket and key prefix on S3 or an S3-compatible server (MinIO, moto)."""
+
+    def __init__(self, uri: str, settings: S3Settings | None = None) -> None:
+        if not uri.startswith("s3://"):
+            raise StorageError(f"{uri}: expected an s3://bucket[/prefix] URI")
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: the bucket name is missing")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.settings = settings or S3Settings.from_env()
+        import boto3
+        from botocore.config import Config
+
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=self.settings.endpoint_url,
+            region_name=self.settings.region_name or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
+            aws_access_key_id=self.settings.aws_access_key_id,
+            aws_secret_access_key=self.settings.aws_secret_access_key,
+            aws_session_token=self.settings.aws_session_token,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                          connect_timeout=10, read_timeout=120),
+        )
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, _check_key(key))
+
+    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{self.url(key)}: no such object")
+            if code == "NoSuchBucket":
+                return StorageError(f"s3://{self.bucket}: bucket does not exist")
+            return StorageError(f"{self.url(key)}: cannot {what} ({code}: "
+                                f"{exc.response.get('Error', {}).get('Message', '')})")
+        endpoint = self.settings.endpoint_url or "the default AWS endpoint"
+        return StorageError(f"{self.url(key)}: cannot {what}; S3 at {endpoint} is unreachable "
+                            f"({exc})")
+
+    def _call(self, what: str, key: str, func: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return func(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(what, key, exc) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("write", key, self._client.put_object, Bucket=self.bucket,
+                   Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call("read", key, self._client.get_object, Bucket=self.bucket,
+                              Key=self._key(key))
+        return response["Body"].read()
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        if not Path(local_path).is_file():
+            raise StorageError(f"{local_path}: no such local file to upload")
+        self._call("upload", key, self._client.upload_file, Filename=str(local_path),
+                   Bucket=self.bucket, Key=self._key(key))
+
+    def get_file(self, key: str, local_path: str | Path) -> Path:
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.parent / f".{local_path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            self._call("download", key, self._client.download_file, Bucket=self.bucket,
+                       Key=self._key(key), Filename=str(tmp))
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local_path
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = join_key(self.prefix, _check_key(prefix)) if prefix else self.prefix
+        query = f"{base}/" if base else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=query):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            if prefix and not keys and self.exists(prefix):
+                return [_check_key(prefix)]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("list", prefix or ".", exc) from None
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[strip:] for k in keys)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("check", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("check", key, exc) from None
+        return True
+
+    def copy(self, src: str, dst: str) -> None:
+        self._call("copy", src, self._client.copy,
+                   CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+                   Bucket=self.bucket, Key=self._key(dst))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self._client.delete_object, Bucket=self.bucket,
+                   Key=self._key(key))
+
+
+def open_storage(uri: str | Path, *, aws_conn_id: str | None = None) -> Storage:
+    """Open the storage root at ``uri``: a local path, ``file://`` URI or ``s3://bucket/prefix``.
+
+    For S3, settings come from the Airflow connection ``aws_conn_id`` (or the one named by
+    AUTORETRAIN_S3_CONN_ID) when given, else from the environment.
+    """
+    text = str(uri)
+    if text.startswith("s3://"):
+        conn_id = aws_conn_id or os.environ.get(ENV_S3_CONN_ID)
+        settings = S3Settings.from_airflow_connection(conn_id) if conn_id else None
+        return S3Storage(text, settings)
+    if "://" in text and not text.startswith("file://"):
+        raise StorageError(f"{text}: unsupported storage URI; use a local path, file:// or "
+                           "s3://bucket/prefix")
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        text = unquote(urlparse(text).path)
+    return LocalStorage(text)
