@@ -102,6 +102,22 @@ def config_validate(
     console.print(f"[green]{len(files)} config(s) valid[/]")
 
 
+@config_app.command("docs")
+@handle_errors
+def config_docs(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the config reference (Markdown) generated from the config models."""
+    from retrain_lib.config import config_reference_markdown
+
+    text = config_reference_markdown()
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n", encoding="utf-8")
+        console.print(f"wrote {out}")
+
+
 # --- stage commands are registered below (one block per stage) ---------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -276,10 +276,8 @@ class RunnerConfig(StrictModel):
     """Where training runs."""
 
     kind: Literal["local", "docker"] = Field("local", description="Training runner.")
-    docker: DockerRunnerConfig = Field(default_factory=DockerRunnerConfig)
-
-
-ClassName = Annotated[str, Field(min_length=1, max_length=64)]
+    docker: DockerRunnerConfig = Field(default_factory=DockerRunnerConfig,
+        description="Docker runner settings (used when kind is docker).")
 
 
 class ObjectTypeConfig(StrictModel):
@@ -288,7 +286,7 @@ class ObjectTypeConfig(StrictModel):
     schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Config schema version.")
     name: str = Field(..., description="Object type id: lower-case letters, digits, '_'.")
     description: str = Field("", description="Shown in the DAG documentation.")
-    classes: list[ClassName] = Field(..., min_length=1, description="Class names, in model "
+    classes: list[str] = Field(..., min_length=1, description="Class names, in model "
                                      "index order. Append new classes at the end.")
     class_aliases: dict[str, str] = Field(
         default_factory=dict, description="Analyst spellings mapped to class names, e.g. "
@@ -298,13 +296,20 @@ class ObjectTypeConfig(StrictModel):
         "manual runs only.")
     owner: str = Field("ml-ops", description="DAG owner shown in the Airflow UI.")
     tags: list[str] = Field(default_factory=list, description="Extra DAG tags.")
-    trigger: TriggerPolicy = Field(default_factory=TriggerPolicy)
-    tiling: TilingConfig = Field(default_factory=TilingConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    mining: MiningConfig = Field(default_factory=MiningConfig)
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    trigger: TriggerPolicy = Field(default_factory=TriggerPolicy,
+        description="When a scheduled run retrains.")
+    tiling: TilingConfig = Field(default_factory=TilingConfig,
+        description="Chip geometry and radiometry.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig,
+        description="Fine-tuning settings and candidates.")
+    mining: MiningConfig = Field(default_factory=MiningConfig,
+        description="Hard-example mining.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig,
+        description="Splits and balancing.")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig,
+        description="Champion/challenger gate.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig,
+        description="Where training runs.")
 
     @field_validator("name")
     @classmethod
@@ -317,6 +322,8 @@ class ObjectTypeConfig(StrictModel):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() or len(v) > 64 for v in value):
+            raise ValueError("class names must be 1-64 characters and not blank")
         lowered = [v.strip().lower() for v in value]
         duplicates = sorted({v for v in lowered if lowered.count(v) > 1})
         if duplicates:
@@ -460,3 +467,62 @@ def load_object_type_configs(directory: str | Path) -> dict[str, ObjectTypeConfi
     if problems:
         raise ConfigError("\n".join(problems))
     return configs
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation)
+    for noise in ("typing.", "retrain_lib.config.", "Annotated[", "NoneType"):
+        text = text.replace(noise, "" if noise != "NoneType" else "None")
+    return text.replace("Literal", "one of ")
+
+
+def config_reference_markdown() -> str:
+    """The object-type config reference, generated from the models (docs/configuration.md)."""
+    lines = [
+        "# Object-type configuration reference",
+        "",
+        "One YAML file per object type: `configs/object_types/<name>.yaml`. Unknown keys are",
+        "errors. Check files with `autoretrain config validate configs/object_types`.",
+        "This page is generated from the models in `retrain_lib/config.py` by",
+        "`autoretrain config docs`; a test keeps it in sync.",
+        "",
+    ]
+
+    def section(title: str, model: type[BaseModel]) -> None:
+        lines.extend([f"## `{title}`", "", (model.__doc__ or "").strip(), "",
+                      "| key | type | default | meaning |", "|---|---|---|---|"])
+        nested: list[tuple[str, type[BaseModel]]] = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                nested.append((f"{title}.{name}" if title != "(top level)" else name,
+                               annotation))
+                default = "see below"
+            elif field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                    value = [v.model_dump(exclude_defaults=True) for v in value]
+                default = f"`{value!r}`" if value is not None else "`null`"
+            kind = _type_name(annotation).replace("|", "\\|")
+            meaning = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | {kind} | {default} | {meaning} |")
+        lines.append("")
+        for child_title, child in nested:
+            section(child_title, child)
+
+    section("(top level)", ObjectTypeConfig)
+    lines.extend(["## Candidate entries (`training.candidates[]`)", "",
+                  "| key | meaning |", "|---|---|"])
+    for name, field in CandidateConfig.model_fields.items():
+        lines.append(f"| `{name}` | {field.description} |")
+    lines.extend(["", "Allowed `overrides` keys: " +
+                  ", ".join(f"`{k}`" for k in sorted(TRAIN_OVERRIDE_KEYS)) + ".", "",
+                  "## Guard entries (`promotion.guards[]`)", "",
+                  "| key | meaning |", "|---|---|"])
+    for name, field in GuardMetric.model_fields.items():
+        lines.append(f"| `{name}` | {field.description} |")
+    lines.extend(["", "Metric names: " + ", ".join(f"`{m}`" for m in METRIC_NAMES) + ".", ""])
+    return "\n".join(lines)

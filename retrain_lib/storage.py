@@ -30,12 +30,15 @@ __all__ = [
     "S3Settings",
     "S3Storage",
     "Storage",
+    "default_storage_uri",
     "join_key",
     "open_storage",
 ]
 
 ENV_S3_ENDPOINT = "AUTORETRAIN_S3_ENDPOINT_URL"
 ENV_S3_CONN_ID = "AUTORETRAIN_S3_CONN_ID"
+ENV_STORAGE = "AUTORETRAIN_STORAGE"
+DEFAULT_STORAGE = ".autoretrain/storage"
 
 
 def join_key(*parts: str) -> str:
@@ -437,3 +440,8 @@ def open_storage(uri: str | Path, *, aws_conn_id: str | None = None) -> Storage:
 
         text = unquote(urlparse(text).path)
     return LocalStorage(text)
+
+
+def default_storage_uri() -> str:
+    """The storage root from AUTORETRAIN_STORAGE, else ``.autoretrain/storage`` (embedded)."""
+    return os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE

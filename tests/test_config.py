@@ -201,3 +201,12 @@ def test_cli_help_works_everywhere() -> None:
         result = run_cli(*args)
         assert result.returncode == 0, (args, result.stderr)
         assert "Usage" in result.stdout
+
+
+def test_configuration_reference_is_in_sync() -> None:
+    from retrain_lib.config import config_reference_markdown
+
+    committed = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert committed == config_reference_markdown() + "\n", (
+        "docs/configuration.md is stale: run `autoretrain config docs --out "
+        "docs/configuration.md`")
