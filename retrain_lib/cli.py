@@ -8,6 +8,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,8 +22,9 @@ from retrain_lib.errors import RetrainError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI) gets a wide fixed width so tables are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 app = typer.Typer(
     name="autoretrain",
@@ -119,6 +121,82 @@ def config_docs(
 
 
 # --- stage commands are registered below (one block per stage) ---------------------------
+
+ConfigDirOption = Annotated[Path, typer.Option(
+    "--configs", help="Folder of object-type configs.", envvar="AUTORETRAIN_CONFIGS")]
+MlflowUriOption = Annotated[str | None, typer.Option(
+    "--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a local "
+    "SQLite file).")]
+
+
+def _registry_for(object_type: str, configs: Path, mlflow_uri: str | None) -> Any:
+    from retrain_lib.config import load_object_type_config
+    from retrain_lib.registry import ModelRegistry
+
+    cfg = load_object_type_config(configs / f"{object_type}.yaml")
+    return ModelRegistry(cfg.registered_model_name, mlflow_uri)
+
+
+@app.command("models")
+@handle_errors
+def models_command(
+    object_type: Annotated[str, typer.Argument(help="Object type, e.g. vehicle.")],
+    configs: ConfigDirOption = Path("configs/object_types"),
+    mlflow_uri: MlflowUriOption = None,
+) -> None:
+    """List registered versions with test metrics, aliases, decisions and lineage."""
+    registry = _registry_for(object_type, configs, mlflow_uri)
+    versions = registry.list_versions()
+    if not versions:
+        console.print(f"no versions registered for {registry.model_name} at "
+                      f"{registry.tracking_uri}")
+        return
+    table = Table("version", "aliases", "map50_95", "map50", "parent", "dataset", "cycle",
+                  "decision", "reason", title=registry.model_name)
+    for v in versions:
+        m = v.metrics
+        table.add_row(v.version, ",".join(v.aliases), _fmt(m.get("map50_95")),
+                      _fmt(m.get("map50")), v.parent or "", v.tags.get("dataset_version", ""),
+                      v.tags.get("cycle_id", ""), v.tags.get("decision", ""),
+                      v.tags.get("decision_reason", ""))
+    console.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+@app.command("promote")
+@handle_errors
+def promote_command(
+    object_type: Annotated[str, typer.Argument(help="Object type, e.g. vehicle.")],
+    version: Annotated[str, typer.Option("--version", help="Model version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version).")],
+    configs: ConfigDirOption = Path("configs/object_types"),
+    mlflow_uri: MlflowUriOption = None,
+) -> None:
+    """Move the champion alias to a version by hand, with a reason."""
+    registry = _registry_for(object_type, configs, mlflow_uri)
+    previous = registry.set_champion(version, reason)
+    console.print(f"{registry.model_name}: champion is now v{version} "
+                  f"(was {'v' + previous if previous else 'none'})")
+
+
+@app.command("rollback")
+@handle_errors
+def rollback_command(
+    object_type: Annotated[str, typer.Argument(help="Object type, e.g. vehicle.")],
+    to: Annotated[str, typer.Option("--to", help="Version to restore as champion.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded on the version).")],
+    configs: ConfigDirOption = Path("configs/object_types"),
+    mlflow_uri: MlflowUriOption = None,
+) -> None:
+    """Point the champion alias back at an earlier version, with a reason."""
+    registry = _registry_for(object_type, configs, mlflow_uri)
+    previous = registry.rollback(to, reason)
+    console.print(f"{registry.model_name}: rolled back to v{to} "
+                  f"(was {'v' + previous if previous else 'none'})")
+
 
 
 def main() -> None:

@@ -495,9 +495,12 @@ def _background(spec: SceneSpec, row0: int, col0: int, h: int, w: int,
     base = np.array([*region.base, region.nir[0]], np.float32)[: spec.bands]
     light = np.array([*region.light, region.nir[1]], np.float32)[: spec.bands]
     patch = np.array([*region.patch, region.nir[2]], np.float32)[: spec.bands]
-    img = base + (light - base) * coarse[..., None]
+    img = np.empty((h, w, spec.bands), np.float32)
+    img[:] = light - base
+    img *= coarse[..., None]
+    img += base
     # Soft-edged patches: tree canopy in vegetated land, gravel in arid land.
-    blob = np.clip((0.75 * medium + 0.25 * fine - region.patch_threshold) / 0.08, 0, 1)
+    blob = np.clip((0.8 * medium + 0.2 * fine - region.patch_threshold) / 0.1, 0, 1)
     img += (patch - img) * blob[..., None]
     img *= (1 + region.fine_amplitude * (fine - 0.5))[..., None]
     return img
@@ -599,11 +602,20 @@ def _render_block(spec: SceneSpec, placements: Sequence[_Placement], tree: Any,
     for index in sorted(tree.query(box(col0, row0, col0 + w, row0 + h)).tolist()):
         _draw(img, placements[index], row0, col0)
     rng = np.random.default_rng([spec.seed, _TAG_NOISE, brow, bcol])
-    # Sensor noise: mostly brightness, a little per channel.
-    img += rng.standard_normal((h, w, 1), dtype=np.float32) * np.float32(0.012)
-    img += rng.standard_normal((h, w, spec.bands), dtype=np.float32) * np.float32(0.006)
+    # Sensor noise: mostly brightness, a little per channel. In place: blocks stay small.
+    noise = rng.standard_normal((h, w, 1), dtype=np.float32)
+    noise *= np.float32(0.012)
+    img += noise
+    noise = rng.standard_normal((h, w, spec.bands), dtype=np.float32)
+    noise *= np.float32(0.006)
+    img += noise
+    del noise
     top = 255 if spec.dtype == "uint8" else 4095
-    out = np.clip(np.rint(img * top), 1, top).astype(spec.dtype)
+    img *= np.float32(top)
+    np.rint(img, out=img)
+    np.clip(img, 1, top, out=img)
+    out = img.astype(spec.dtype)
+    del img
     b = spec.nodata_border
     if b:
         rows = np.arange(row0, row0 + h)

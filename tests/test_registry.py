@@ -184,3 +184,35 @@ def test_gate_threshold_is_inclusive() -> None:
     assert decision.promote
     assert decision.primary_delta == pytest.approx(0.01)
     assert decision.guard_deltas["map50"] == pytest.approx(-0.02)
+
+
+def test_cli_models_promote_rollback(registry: ModelRegistry, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retrain_lib.cli import app
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "test.yaml").write_text("name: test\nclasses: [car]\n")
+    first = register(registry, tmp_path, "a", map50_95=0.3, map50=0.6)
+    second = register(registry, tmp_path, "b", map50_95=0.2, map50=0.5)
+    registry.promote_if_better([first], None, RULE)
+    common = ["--configs", str(configs), "--mlflow-uri", registry.tracking_uri]
+    runner = CliRunner()
+
+    def run(*args: str):  # type: ignore[no-untyped-def]
+        return runner.invoke(app, [*args, *common])
+
+    listing = run("models", "test")
+    assert listing.exit_code == 0, listing.output
+    assert "champion" in listing.output and "0.3000" in listing.output
+    promoted = run("promote", "test", "--version", second.version, "--reason", "manual check")
+    assert promoted.exit_code == 0, promoted.output
+    assert registry.champion().version == second.version  # type: ignore[union-attr]
+    back = run("rollback", "test", "--to", first.version, "--reason", "regression")
+    assert back.exit_code == 0, back.output
+    assert registry.champion().version == first.version  # type: ignore[union-attr]
+    missing = run("rollback", "test", "--to", "42", "--reason", "x")
+    assert missing.exit_code == 1
+    assert "has no version 42" in missing.output
+    assert missing.exception is None or isinstance(missing.exception, SystemExit)
