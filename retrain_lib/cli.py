@@ -122,6 +122,68 @@ def config_docs(
 
 # --- stage commands are registered below (one block per stage) ---------------------------
 
+
+@app.command("tile")
+@handle_errors
+def tile_command(
+    scene: Annotated[Path, typer.Argument(help="Scene GeoTIFF (georeferenced).")],
+    labels: Annotated[Path, typer.Option(
+        "--labels", help="Annotations: GeoJSON polygons with a 'class' property, any CRS.")],
+    classes: Annotated[str, typer.Option(
+        "--classes", help="Class names in model index order, comma-separated: car,truck.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Shard root; the shard is written to OUT/<params_hash>/<scene_id>.")],
+    tile_size: Annotated[int | None, typer.Option(
+        "--tile-size", help="Tile edge in pixels (default 640).")] = None,
+    tile_size_m: Annotated[float | None, typer.Option(
+        "--tile-size-m", help="Tile edge in metres, converted with the scene's GSD.")] = None,
+    overlap: Annotated[float, typer.Option(
+        "--overlap", help="Overlap: a fraction of the tile when < 1, else pixels.")] = 0.2,
+    image_format: Annotated[str, typer.Option("--format", help="Chip encoding: jpg or png.")
+                            ] = "jpg",
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes.")] = 2,
+    aoi: Annotated[Path | None, typer.Option(
+        "--aoi", help="GeoJSON polygon(s) where annotations are complete; tiles outside "
+        "are skipped.")] = None,
+) -> None:
+    """Cut a scene and its annotations into YOLO chips, labels and a tile index."""
+    from pydantic import ValidationError
+
+    from retrain_lib.config import TilingConfig, format_validation_error
+    from retrain_lib.errors import ConfigError
+    from retrain_lib.tiling import tile_scene
+
+    if tile_size is not None and tile_size_m is not None:
+        raise ConfigError("give --tile-size (pixels) or --tile-size-m (metres), not both")
+    try:
+        params = TilingConfig(tile_size=tile_size, tile_size_m=tile_size_m, overlap=overlap,
+                              image_format=image_format, workers=workers)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("command-line options", exc)) from None
+    class_list = [c.strip() for c in classes.split(",") if c.strip()]
+    result = tile_scene(scene, labels, class_list, out, params, aoi=aoi, progress=True)
+    for message in (*result.notes, *result.rejected_features):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    if result.reused:
+        console.print(f"shard {result.shard_dir} is already complete for these parameters "
+                      "and inputs; nothing to do")
+    table = Table("tiles", "count", title=f"{result.scene_id} -> {result.shard_dir}",
+                  title_justify="left")
+    table.add_row("grid", f"{result.tiles_total} ({result.tile_px} px, overlap "
+                  f"{result.overlap_px} px)")
+    table.add_row("written", f"{result.tiles_written} ({result.positive_tiles} with objects, "
+                  f"{result.background_tiles} background)")
+    for reason, count in result.skipped.items():
+        table.add_row(f"skipped: {reason}", str(count))
+    table.add_row("objects", ", ".join(f"{n} {name}" for name, n in
+                                       result.objects_per_class.items()) or "0")
+    table.add_row("boxes written", str(result.boxes_written))
+    table.add_row("partial objects masked", str(result.partial_objects))
+    table.add_row("time", f"{result.elapsed_s:.1f} s")
+    table.add_row("throughput", f"{result.megapixels_per_s:.1f} MP/s")
+    console.print(table)
+
+
 ConfigDirOption = Annotated[Path, typer.Option(
     "--configs", help="Folder of object-type configs.", envvar="AUTORETRAIN_CONFIGS")]
 MlflowUriOption = Annotated[str | None, typer.Option(

@@ -151,7 +151,7 @@ class PixelWindow:
 
     def window_transform(self, transform: Affine) -> Affine:
         """Affine transform of the window's own pixel grid (pixel ``(0, 0)`` at its corner)."""
-        return transform * Affine.translation(self.col_off, self.row_off)
+        return transform @ Affine.translation(self.col_off, self.row_off)
 
     def map_bounds(self, transform: Affine) -> tuple[float, float, float, float]:
         """``(min_x, min_y, max_x, max_y)`` of the window in map units of ``transform``."""
