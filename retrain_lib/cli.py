@@ -123,6 +123,243 @@ def config_docs(
 # --- stage commands are registered below (one block per stage) ---------------------------
 
 
+@app.command("detect")
+@handle_errors
+def detect_command(
+    scene: Annotated[Path, typer.Argument(help="Scene GeoTIFF (georeferenced).")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Weights file (.pt) or MLflow URI, e.g. models:/autoretrain-vehicle"
+        "@champion.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Detections: .geojson (scene CRS) or .gpkg (GeoPackage).")],
+    tile_size: Annotated[int | None, typer.Option(
+        "--tile-size", help="Tile edge in pixels (default 640, as for training chips).")] = None,
+    tile_size_m: Annotated[float | None, typer.Option(
+        "--tile-size-m", help="Tile edge in metres, converted with the scene's GSD.")] = None,
+    overlap: Annotated[float, typer.Option(
+        "--overlap", help="Overlap: a fraction of the tile when < 1, else pixels.")] = 0.2,
+    conf: Annotated[float, typer.Option(
+        "--conf", help="Lowest score kept (use 0.001 for output scored by COCO mAP).")] = 0.25,
+    iou: Annotated[float, typer.Option("--iou", help="IoU of the per-tile NMS.")] = 0.7,
+    batch: Annotated[int, typer.Option("--batch", help="Tiles per forward pass.")] = 16,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="'cpu' or a CUDA index like '0' (default: GPU 0 if present).")] = None,
+    merge: Annotated[str, typer.Option(
+        "--merge", help="Cross-tile merge: nms (IoU), nmm (IoS, like SAHI) or none.")] = "nms",
+    merge_threshold: Annotated[float, typer.Option(
+        "--merge-threshold", help="IoU (nms) or IoS (nmm) above which boxes merge.")] = 0.5,
+    wgs84: Annotated[Path | None, typer.Option(
+        "--wgs84", help="Also write the detections in EPSG:4326 (lon/lat) to this file.")
+                     ] = None,
+    scene_id: Annotated[str | None, typer.Option(
+        "--scene-id", help="Scene id written into each detection (default: file stem).")
+                        ] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(
+        "--mlflow-uri", help="MLflow tracking URI for models:/ URIs (default: "
+        "$MLFLOW_TRACKING_URI or a local SQLite file).")] = None,
+) -> None:
+    """Detect objects over a whole scene and write georeferenced boxes."""
+    from pydantic import ValidationError
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from retrain_lib.config import TilingConfig, format_validation_error
+    from retrain_lib.errors import ConfigError
+    from retrain_lib.inference import (
+        DetectOptions,
+        detect_scene,
+        load_detector,
+        write_detections,
+    )
+
+    if tile_size is not None and tile_size_m is not None:
+        raise ConfigError("give --tile-size (pixels) or --tile-size-m (metres), not both")
+    try:
+        tiling = TilingConfig(tile_size=tile_size, tile_size_m=tile_size_m, overlap=overlap)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("command-line options", exc)) from None
+    options = DetectOptions(tiling=tiling, conf=conf, iou=iou, batch=batch,
+                            merge=merge,  # type: ignore[arg-type]  # checked by DetectOptions
+                            merge_threshold=merge_threshold)
+    if out.suffix.lower() not in (".geojson", ".json", ".gpkg"):
+        raise ConfigError(f"--out {out}: use a .geojson or .gpkg file name")
+    detector = load_detector(model, device=device, tracking_uri=mlflow_uri)
+    with Progress(TextColumn("detect {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("tiles"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task(scene.name, total=None)
+        result = detect_scene(scene, detector, options, scene_id=scene_id,
+                              on_progress=lambda done, total: bar.update(
+                                  task, completed=done, total=total))
+    written = write_detections(result, out, wgs84_path=wgs84)
+    stats = result.stats
+    counts = {name: 0 for name in result.class_names}
+    for k in result.classes.tolist():
+        counts[result.class_names[k]] += 1
+    table = Table("detect", "", title=f"{result.scene.scene_id} with {result.model.name} "
+                  f"{result.model.version}", title_justify="left")
+    table.add_row("tiles", f"{stats.tiles_total} ({stats.tile_px} px, overlap "
+                  f"{stats.overlap_px} px; {stats.tiles_skipped_nodata} skipped as nodata)")
+    per_class = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+    table.add_row("detections", f"{stats.boxes_out} ({per_class})" if stats.boxes_out else "0")
+    table.add_row("merged away", f"{stats.boxes_raw - stats.boxes_out} of {stats.boxes_raw} "
+                  f"tile boxes ({stats.boxes_cut_off} cut off by tile edges)")
+    table.add_row("time", f"{stats.seconds_total:.1f} s (model {stats.seconds_model:.1f} s, "
+                  f"waiting for tiles {stats.seconds_waiting_for_tiles:.1f} s)")
+    rate = result.scene.megapixels / max(stats.seconds_total, 1e-9)
+    table.add_row("throughput", f"{rate:.2f} MP/s")
+    table.add_row("written", ", ".join(str(p) for p in written))
+    console.print(table)
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_command(
+    pred: Annotated[list[Path], typer.Option(
+        "--pred", help="Predictions GeoJSON ('class' and 'score' per feature); repeat for "
+        "several scenes.")],
+    truth: Annotated[list[Path], typer.Option(
+        "--truth", help="Ground-truth GeoJSON ('class' per feature), one per --pred.")],
+    out: Annotated[Path, typer.Option("--out", help="Write the metrics JSON here.")],
+    scene: Annotated[list[Path] | None, typer.Option(
+        "--scene", help="Scene GeoTIFF, one per --pred: boxes are compared in its pixels "
+        "and size APs need it.")] = None,
+    iou: Annotated[float, typer.Option(
+        "--iou", help="IoU of a match for precision and recall.")] = 0.5,
+    conf: Annotated[float, typer.Option(
+        "--conf", help="Operating confidence for precision and recall.")] = 0.25,
+    classes: Annotated[str | None, typer.Option(
+        "--classes", help="The model's classes, comma-separated; every truth class must be "
+        "one of them.")] = None,
+    small_max_area: Annotated[float, typer.Option(
+        "--small-max-area", help="Largest 'small' box area in px² (default 16x16).")] = 256.0,
+    medium_max_area: Annotated[float, typer.Option(
+        "--medium-max-area", help="Largest 'medium' box area in px² (default 48x48).")
+                               ] = 2304.0,
+) -> None:
+    """Score predictions against ground truth (COCO mAP, per class, precision/recall)."""
+    import json
+    import os
+
+    from retrain_lib.errors import ConfigError
+    from retrain_lib.evaluate import AreaRanges, evaluate_files
+
+    if not 0 < iou <= 1 or not 0 <= conf <= 1:
+        raise ConfigError(f"--iou {iou} must be in (0, 1] and --conf {conf} in [0, 1]")
+    try:
+        ranges = AreaRanges(small_max_px=small_max_area, medium_max_px=medium_max_area)
+    except ValueError as exc:
+        raise ConfigError(f"--small-max-area/--medium-max-area: {exc}") from None
+    class_list = None if classes is None else [c.strip() for c in classes.split(",")
+                                               if c.strip()]
+    metrics = evaluate_files(pred, truth, scene or None, class_names=class_list,
+                             iou_threshold=iou, conf_threshold=conf, area_ranges=ranges)
+    data = metrics.to_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    for note in metrics.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table = Table("class", "mAP50-95", "mAP50", f"P@{conf:g}", f"R@{conf:g}", "truth",
+                  "pred", title=f"{metrics.n_scenes} scene(s), IoU {iou:g} -> {out}",
+                  title_justify="left")
+    for name, values in metrics.per_class.items():
+        table.add_row(name, cell(values["map50_95"]), cell(values["map50"]),  # type: ignore[arg-type]
+                      cell(values["precision"]), cell(values["recall"]),  # type: ignore[arg-type]
+                      str(values["n_truth"]), str(values["n_pred"]))
+    table.add_row("all", cell(metrics.map50_95), cell(metrics.map50), cell(metrics.precision),
+                  cell(metrics.recall), str(metrics.n_truth), str(metrics.n_pred),
+                  style="bold")
+    console.print(table)
+    console.print(f"mAP75 {cell(metrics.map75)}  small {cell(metrics.map_small)}  medium "
+                  f"{cell(metrics.map_medium)}  large {cell(metrics.map_large)}")
+
+
+# --- train: `autoretrain train` == `python -m retrain_lib.train` (retrain_lib/train.py) ---
+@app.command("train")
+@handle_errors
+def train(
+    data: Annotated[str, typer.Option(help="Dataset version: folder or data.yaml (path, "
+                                      "file:// or s3:// URI).")],
+    out: Annotated[str, typer.Option(help="Output directory or storage URI prefix.")],
+    weights: Annotated[str | None, typer.Option(help="Initial weights: .pt (path or URI), "
+                                                "models:/name@alias, or a model YAML. Default: "
+                                                "the config's initial_model.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, or CUDA indexes like 0 or 0,1.")
+                      ] = None,
+    workers: Annotated[int | None, typer.Option(help="Dataloader workers.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Extra Ultralytics train argument key=value (repeatable).")] = None,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="Draw and upload "
+                                               "Ultralytics' plots.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Object-type YAML: gives the classes, the "
+                                                "object type and training defaults.")] = None,
+    classes: Annotated[str | None, typer.Option(help="Expected class names, comma-separated "
+                                                "(default: the config's, else the dataset's).")
+                       ] = None,
+    class_mismatch: Annotated[str | None, typer.Option(
+        help="Weights trained for other classes: adapt (new head) or refuse.")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default "
+                                                   "$MLFLOW_TRACKING_URI).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+    object_type: Annotated[str | None, typer.Option(help="Tag: object type.")] = None,
+    dataset_version: Annotated[str | None, typer.Option(help="Tag: dataset version.")] = None,
+    parent_model_version: Annotated[str | None, typer.Option(
+        help="Tag: registered model version of the initial weights.")] = None,
+    cycle_id: Annotated[str | None, typer.Option(help="Tag: retraining cycle id.")] = None,
+    candidate: Annotated[str | None, typer.Option(help="Tag: candidate name.")] = None,
+    scratch: Annotated[str | None, typer.Option(help="Scratch root (default "
+                                                "$AUTORETRAIN_SCRATCH or the temp dir).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard an interrupted attempt instead of "
+                                        "resuming it.")] = False,
+    result_file: Annotated[Path | None, typer.Option(
+        help="Also write the result JSON here (e.g. /airflow/xcom/return.json in a pod).")
+                           ] = None,
+) -> None:
+    """Fine-tune a YOLO detector; the last line printed is the result JSON."""
+    from retrain_lib.train import parse_param, run_cli
+
+    options: dict[str, object] = {
+        "data": data, "out": out, "weights": weights, "epochs": epochs, "imgsz": imgsz,
+        "batch": batch, "device": device, "workers": workers, "seed": seed, "plots": plots,
+        "class_mismatch": class_mismatch, "mlflow_uri": mlflow_uri, "experiment": experiment,
+        "run_name": run_name, "object_type": object_type, "dataset_version": dataset_version,
+        "parent_model_version": parent_model_version, "cycle_id": cycle_id,
+        "candidate": candidate, "scratch": scratch,
+        "classes": [c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+        "params": dict(parse_param(p) for p in param or []),
+    }
+    if config is not None:
+        from retrain_lib.config import load_object_type_config
+
+        cfg = load_object_type_config(config)
+        defaults = {"classes": cfg.classes, "object_type": cfg.name,
+                    "weights": cfg.training.initial_model, "epochs": cfg.training.epochs,
+                    "imgsz": cfg.training.imgsz, "batch": cfg.training.batch,
+                    "device": cfg.training.device, "workers": cfg.training.workers,
+                    "seed": cfg.training.seed}
+        params = options["params"]
+        options.update({k: v for k, v in defaults.items()
+                        if options.get(k) is None and k not in params})  # type: ignore[operator]
+    run_cli(options, fresh=fresh, result_file=result_file)
+
+
 @app.command("tile")
 @handle_errors
 def tile_command(
@@ -259,6 +496,46 @@ def rollback_command(
     console.print(f"{registry.model_name}: rolled back to v{to} "
                   f"(was {'v' + previous if previous else 'none'})")
 
+
+
+@app.command("demo")
+@handle_errors
+def demo_command(
+    root: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path(
+        ".autoretrain/demo"),
+    configs: ConfigDirOption = Path("configs/object_types"),
+    object_type: Annotated[str, typer.Option("--type", help="Object type to demo.")] = "vehicle",
+    scenes: Annotated[int, typer.Option(min=1, max=50, help="Scenes in the region-A drop.")] = 2,
+    size: Annotated[int, typer.Option(min=256, max=20000, help="Scene edge in pixels.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+) -> None:
+    """Run the demo on embedded defaults (local storage, SQLite, local runner, CPU)."""
+    from retrain_lib.demo import run_demo
+
+    result = run_demo(root, configs_dir=configs, object_type=object_type, scenes=scenes,
+                      size=size, seed=seed, log=lambda m: console.print(f"[cyan]>[/] {m}"))
+    made = Table("drop", "scene", "size", "region", "objects per class", "decoys",
+                 title="synthetic drops")
+    for d in result.drops:
+        per_class = ", ".join(f"{c}: {d[c]}" for c in result.configs[result.object_type].classes)
+        made.add_row(d["drop"], d["scene"], d["size"], d["region"], per_class, str(d["decoys"]))
+    console.print(made)
+    assert result.ingest is not None
+    outcome = Table("drop", "status", "scenes / problems", title="ingest")
+    for o in result.ingest.outcomes:
+        detail = (", ".join(o.scene_ids) if o.status == "cataloged"
+                  else "; ".join(f"{p.file}: {p.problem}" for p in o.problems))
+        outcome.add_row(o.drop_id, o.status, detail)
+    console.print(outcome)
+    store = result.storage_root
+    console.print(
+        f"\n[bold]Where to look[/]\n"
+        f"  catalog     {store / 'catalog' / result.object_type / 'scenes'}\n"
+        f"  quarantine  {store / 'quarantine' / result.object_type} (reason.json per drop)\n"
+        f"  report      {store / 'cycles' / result.object_type / 'demo' / 'ingest.json'}\n"
+        f"  tile a scene: autoretrain tile <scene.tif> --labels <annotations.geojson> "
+        f"--classes {','.join(result.configs[result.object_type].classes)} "
+        f"--out {result.root / 'chips'}")
 
 
 def main() -> None:

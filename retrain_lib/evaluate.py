@@ -33,6 +33,7 @@ import contextlib
 import io
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 _IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+# Feature properties that may hold the class, in the tiler's order of preference.
+_CLASS_PROPERTIES = ("class", "class_name", "label", "category")
 # Target number of boxes per COCO "image" when a scene is cut into independent groups; small
 # enough that pycocotools' quadratic Python loop stays cheap, large enough to limit overhead.
 _GROUP_TARGET = 64
@@ -596,7 +599,10 @@ def _scene_grid(scene_path: str | os.PathLike[str]) -> _SceneGrid:
 
     source = str(scene_path)
     try:
-        with rasterio.open(scene_path) as dataset:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            dataset = rasterio.open(scene_path)
+        with dataset:
             crs, transform = dataset.crs, dataset.transform
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"{source}: cannot open the scene raster ({exc})") from None
@@ -613,7 +619,7 @@ def _scene_grid(scene_path: str | os.PathLike[str]) -> _SceneGrid:
 
 def read_scene_boxes(path: str | os.PathLike[str], *, crs: Any = None,
                      transform: Any = None, scores: bool = False,
-                     class_property: str = "class") -> SceneBoxes:
+                     class_property: str | None = None) -> SceneBoxes:
     """Read a GeoJSON file as boxes, reprojected to ``crs`` and converted to pixels.
 
     Args:
@@ -621,7 +627,8 @@ def read_scene_boxes(path: str | os.PathLike[str], *, crs: Any = None,
         crs: Reproject into this CRS first (None: keep the file's CRS).
         transform: The scene's affine transform; given, boxes are envelopes in scene pixels.
         scores: Require a numeric ``score`` property on every feature.
-        class_property: The property holding the class name.
+        class_property: The property holding the class name; default the first present of
+            ``class``, ``class_name``, ``label``, ``category`` (as the tiler reads them).
 
     Raises:
         InputError: the file is unreadable, or a feature has no class or no valid score
@@ -635,11 +642,13 @@ def read_scene_boxes(path: str | os.PathLike[str], *, crs: Any = None,
     features, file_crs = read_geojson(path)
     names: list[str] = []
     values: list[float] = []
+    keys = (class_property,) if class_property else _CLASS_PROPERTIES
     for feature in features:
-        raw = feature.properties.get(class_property)
+        key = next((k for k in keys if k in feature.properties), keys[0])
+        raw = feature.properties.get(key)
         if not isinstance(raw, str) or not raw.strip():
-            raise InputError(f"{source}: {feature.describe()}: property {class_property!r} "
-                             f"must be a class name, got {raw!r}")
+            raise InputError(f"{source}: {feature.describe()}: property {key!r} must be a "
+                             f"class name, got {raw!r}")
         names.append(raw.strip())
         if scores:
             score = feature.properties.get("score")

@@ -405,7 +405,8 @@ def write_geojson(path: str | os.PathLike[str], features: Iterable[Feature], crs
         if feature.id is not None:
             head += f'"id":{json.dumps(feature.id)},'
         properties = json.dumps(dict(feature.properties), default=_json_default)
-        parts.append(f'{head}"geometry":{geometry_text},"properties":{properties}}}')
+        geometry_json = "null" if geometry_text is None else geometry_text
+        parts.append(f'{head}"geometry":{geometry_json},"properties":{properties}}}')
     header = '{"type":"FeatureCollection",'
     if not _is_wgs84_lonlat(crs):
         header += ('"crs":{"type":"name","properties":{"name":'

@@ -144,6 +144,32 @@ class Storage(ABC):
             self.delete(key)
         return moved
 
+    def put_tree(self, local_dir: str | Path, prefix: str, *, last: str | None = None
+                 ) -> list[str]:
+        """Upload every file under ``local_dir`` to ``prefix``; returns the keys written.
+
+        ``last`` names a file (relative to ``local_dir``) uploaded after all others, so that
+        its presence marks the tree complete (e.g. a shard's ``index.json``).
+        """
+        root = Path(local_dir)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        if last is not None:
+            files.sort(key=lambda p: p.relative_to(root).as_posix() == last)
+        keys = []
+        for path in files:
+            key = join_key(prefix, path.relative_to(root).as_posix())
+            self.put_file(path, key)
+            keys.append(key)
+        return keys
+
+    def get_tree(self, prefix: str, local_dir: str | Path) -> Path:
+        """Download every object under ``prefix`` into ``local_dir`` (same relative layout)."""
+        root = Path(local_dir)
+        base = join_key(prefix)
+        for key in self.list(base):
+            self.get_file(key, root / key[len(base) + 1:])
+        return root
+
     @contextmanager
     def local_copy(self, key: str, scratch: str | Path | None = None) -> Iterator[Path]:
         """Yield a local path holding ``key``: the file itself locally, a download on S3."""

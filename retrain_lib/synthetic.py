@@ -111,7 +111,7 @@ _ORANGE: RGB = (0.92, 0.52, 0.12)
 
 _CLASS_STYLES: tuple[_ClassStyle, ...] = (
     _ClassStyle(14, 7, "windshield", (_WHITE, _SILVER, _RED, _BLUE, _YELLOW)),
-    _ClassStyle(28, 10, "cab", (_WHITE, (0.84, 0.84, 0.86), _ORANGE), (_RED, _BLUE, _WHITE)),
+    _ClassStyle(28, 10, "cab", (_WHITE, (0.84, 0.84, 0.86), _ORANGE), (_RED, _BLUE)),
     _ClassStyle(22, 12, "plus", (_ORANGE, _WHITE, (0.95, 0.85, 0.55))),
     _ClassStyle(36, 11, "windows", (_YELLOW, _WHITE)),
     _ClassStyle(18, 18, "ring", ((0.80, 0.80, 0.80), (0.45, 0.75, 0.85))),
@@ -524,13 +524,18 @@ def _shade(p: _Placement, u: np.ndarray, v: np.ndarray,
     if kind == "outline":
         inside &= ~_rect(u, v, length / 2 - 1.5, width / 2 - 1.5)
     elif kind == "windshield":
-        mark = (u >= 0.12 * length) & (u <= 0.31 * length) & (np.abs(v) <= 0.40 * width)
-        rear = (u >= -0.42 * length) & (u <= -0.32 * length) & (np.abs(v) <= 0.36 * width)
-        colour[rear] = body + (dark - body) * 0.6
+        # Bright hood | dark windshield | bright roof | dark rear window: a bold pattern,
+        # so a small detector can learn it quickly; uniform "patch" decoys lack it.
+        mark = ((u >= 0.08 * length) & (u <= 0.34 * length) & (np.abs(v) <= 0.42 * width)) | (
+            (u >= -0.44 * length) & (u <= -0.28 * length) & (np.abs(v) <= 0.40 * width))
     elif kind == "cab":
+        # Coloured cab with a windshield, a dark gap, and a trailer with two roof rails.
         colour[u >= 0.28 * length] = accent
-        mark = (((u >= 0.24 * length) & (u <= 0.28 * length))
-                | ((u >= 0.39 * length) & (u <= 0.46 * length) & (np.abs(v) <= 0.40 * width)))
+        rails = (u <= 0.18 * length) & (u >= -0.46 * length) & (
+            np.abs(np.abs(v) - 0.26 * width) <= 0.06 * width + 0.3)
+        colour[rails] = body + (dark - body) * 0.55
+        mark = (((u >= 0.21 * length) & (u <= 0.28 * length))
+                | ((u >= 0.38 * length) & (u <= 0.47 * length) & (np.abs(v) <= 0.42 * width)))
     elif kind == "plus":
         core = _rect(u, v, 0.36 * length, 0.36 * width)
         mark = core & ((np.abs(u) <= 0.8) | (np.abs(v) <= 0.8))

@@ -55,15 +55,17 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pyproj
 import rasterio
 import shapely
 from affine import Affine
 from rasterio.enums import MaskFlags
+from rasterio.features import geometry_mask
 
 from retrain_lib.config import TilingConfig
-from retrain_lib.errors import ConfigError, InputError
+from retrain_lib.errors import ConfigError, InputError, StorageError
 from retrain_lib.geo import (
     Feature,
     PixelWindow,
@@ -94,10 +96,12 @@ __all__ = [
 TILER_VERSION = 1
 SKIP_REASONS = ("nodata", "outside_aoi", "background_cap")
 CLASS_PROPERTIES = ("class", "class_name", "label", "category")
-# GDAL's block cache defaults to 5% of RAM per process; a small cache keeps RSS flat, and the
-# run-wise reads below already read each block about once.
-GDAL_CACHE_MB = 64
-MAX_RUN_TILES = 8
+# GDAL's block cache defaults to 5% of RAM per process. A fixed cache keeps RSS flat and still
+# holds the blocks under the vertical overlap of consecutive tile rows (see _chunks). rasterio
+# passes an integer GDAL_CACHEMAX to GDALSetCacheMax64, i.e. in bytes, not MB.
+GDAL_CACHE_BYTES = 64 * 2**20
+MAX_RUN_TILES = 8  # tiles per horizontal read ...
+CHUNK_TILE_ROWS = 4  # ... and grid rows per work unit (see _chunks)
 STRETCH_SAMPLE_WINDOWS = 8  # per side: 64 windows ...
 STRETCH_SAMPLE_PX = 128  # ... of 128 x 128 pixels when the scene has no overviews
 _SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -128,7 +132,7 @@ class SceneInfo:
 
 @contextmanager
 def _gdal_env() -> Iterator[None]:
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         yield
 
 
@@ -268,9 +272,12 @@ class Stretch:
         else:
             low = np.asarray(self.low, dtype=np.float32)[:, None, None]
             scale = 255.0 / (np.asarray(self.high, dtype=np.float32)[:, None, None] - low)
-            scaled = (data.astype(np.float32) - low) * scale
+            scaled = data.astype(np.float32)  # in place from here: one float buffer
+            scaled -= low
+            scaled *= scale
             np.clip(scaled, 0, 255, out=scaled)
-            out = np.nan_to_num(scaled, copy=False).round().astype(np.uint8)
+            np.nan_to_num(scaled, copy=False)
+            out = np.rint(scaled, out=scaled).astype(np.uint8)
         if out.shape[0] == 1:
             return np.ascontiguousarray(np.repeat(out.transpose(1, 2, 0), 3, axis=2))
         return np.ascontiguousarray(out.transpose(1, 2, 0))
@@ -300,13 +307,17 @@ def _select_bands(dataset: Any, bands: Sequence[int] | None, source: str) -> tup
 
 
 def _sample_windows(dataset: Any) -> list[PixelWindow]:
-    size = STRETCH_SAMPLE_PX
+    """Windows spread over the scene, each inside one block, so each costs one block decode."""
+    block_h, block_w = dataset.block_shapes[0]
+    w, h = min(STRETCH_SAMPLE_PX, dataset.width), min(STRETCH_SAMPLE_PX, dataset.height)
     windows = []
     for i in range(STRETCH_SAMPLE_WINDOWS):
         for j in range(STRETCH_SAMPLE_WINDOWS):
-            w, h = min(size, dataset.width), min(size, dataset.height)
             col = round((dataset.width - w) * (j + 0.5) / STRETCH_SAMPLE_WINDOWS)
             row = round((dataset.height - h) * (i + 0.5) / STRETCH_SAMPLE_WINDOWS)
+            if w <= block_w and h <= block_h:  # move to the start of the block it begins in
+                col = min(col - col % block_w, dataset.width - w)
+                row = min(row - row % block_h, dataset.height - h)
             windows.append(PixelWindow(col, row, w, h))
     return sorted(set(windows))
 
@@ -331,8 +342,12 @@ def scene_stretch(dataset: Any, bands: Sequence[int] | None = None,
         scale = max(dataset.width, dataset.height) / 1024
         out_shape = (len(chosen), max(1, round(dataset.height / scale)),
                      max(1, round(dataset.width / scale)))
-        data = dataset.read(chosen, out_shape=out_shape)
-        invalid = _invalid_mask(dataset, data, None, chosen, out_shape[1:])
+        try:
+            data = dataset.read(chosen, out_shape=out_shape)
+            invalid = _invalid_mask(dataset, data, None, chosen, out_shape[1:])
+        except rasterio.errors.RasterioError as exc:
+            raise InputError(f"{dataset.name}: cannot read the overviews; the file may be "
+                             f"corrupt ({exc.__cause__ or exc})") from None
         samples = [(data, invalid)]
     else:
         samples = [_read_region(dataset, w, chosen) for w in _sample_windows(dataset)]
@@ -397,12 +412,17 @@ def _invalid_mask(dataset: Any, data: np.ndarray, window: PixelWindow | None,
 def _read_region(dataset: Any, window: PixelWindow, bands: Sequence[int]
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     try:
-        data = dataset.read(list(bands), window=window.to_rasterio())
+        # Read straight into a pixel-interleaved buffer: chips are (h, w, 3), so this saves a
+        # transpose copy, and GDAL copies pixel-interleaved blocks faster this way.
+        dtype = np.dtype(dataset.dtypes[bands[0] - 1])
+        out = np.empty((window.height, window.width, len(bands)), dtype).transpose(2, 0, 1)
+        data = dataset.read(list(bands), window=window.to_rasterio(), out=out)
         invalid = _invalid_mask(dataset, data, window, bands, (window.height, window.width))
     except rasterio.errors.RasterioError as exc:
+        detail = exc.__cause__ or exc  # rasterio's own message only says "Read failed"
         raise InputError(f"{dataset.name}: cannot read pixels {window.bounds} "
                          f"(col_min, row_min, col_max, row_max); the file may be corrupt "
-                         f"or truncated ({exc})") from None
+                         f"or truncated ({detail})") from None
     return data, invalid
 
 
@@ -453,10 +473,8 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(setup: _WorkerSetup) -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # parallelism comes from processes
-    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
     env.__enter__()
     _WORKER.update(setup=setup, env=env, dataset=_open(setup.scene_path))
 
@@ -468,10 +486,11 @@ def _worker_close() -> None:
         _WORKER.clear()
 
 
-def _process_run(run: _RunTask) -> list[tuple[int, str, float]]:
-    import cv2
-    from rasterio.features import geometry_mask
+def _process_chunk(chunk: tuple[_RunTask, ...]) -> list[tuple[int, str, float]]:
+    return [result for run in chunk for result in _process_run(run)]
 
+
+def _process_run(run: _RunTask) -> list[tuple[int, str, float]]:
     setup: _WorkerSetup = _WORKER["setup"]
     data, invalid = _read_region(_WORKER["dataset"], run.window, setup.stretch.bands)
     rgb = setup.stretch.apply(data)
@@ -839,33 +858,46 @@ def _plan_tiles(windows: list[PixelWindow], scene_id: str, objects: _Objects,
     )
 
 
-def _runs(plan: _TilePlan, indexes: Sequence[int]) -> list[_RunTask]:
-    """Group tiles into horizontal runs of overlapping windows, each read in one go."""
-    runs: list[_RunTask] = []
-    current: list[int] = []
+def _chunks(plan: _TilePlan, indexes: Sequence[int]) -> list[tuple[_RunTask, ...]]:
+    """Group tiles into work units that read each scene block about once.
 
-    def flush() -> None:
-        if current:
-            first, last = plan.windows[current[0]], plan.windows[current[-1]]
-            union = PixelWindow.from_bounds(first.col_off, first.row_off,
-                                            last.col_off + last.width, first.row_off
-                                            + first.height)
-            runs.append(_RunTask(union, tuple(
-                _TileTask(i, plan.tile_ids[i], plan.windows[i], plan.label_text[i],
-                          plan.mask_rings[i], plan.region_wkb[i]) for i in current)))
-            current.clear()
+    A run is up to ``MAX_RUN_TILES`` neighbouring tiles of one grid row, read as one window
+    (no re-read of the horizontal overlap). A chunk stacks the runs of up to
+    ``CHUNK_TILE_ROWS`` grid rows over the same columns; one worker reads them top to bottom,
+    so the blocks under the vertical overlap are still in GDAL's block cache.
+    """
+    col_rank = {c: k for k, c in enumerate(sorted({w.col_off for w in plan.windows}))}
+    row_rank = {r: k for k, r in enumerate(sorted({w.row_off for w in plan.windows}))}
+    groups: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for i in indexes:
+        win = plan.windows[i]
+        col, row = col_rank[win.col_off], row_rank[win.row_off]
+        key = (row // CHUNK_TILE_ROWS, col // MAX_RUN_TILES)
+        groups.setdefault(key, {}).setdefault(row, []).append(i)
+    chunks = []
+    for key in sorted(groups):
+        runs = []
+        for row in sorted(groups[key]):
+            tiles = sorted(groups[key][row], key=lambda k: plan.windows[k].col_off)
+            start = 0
+            for end in range(1, len(tiles) + 1):
+                gap = end < len(tiles) and (col_rank[plan.windows[tiles[end]].col_off]
+                                            != col_rank[plan.windows[tiles[end - 1]].col_off]
+                                            + 1)
+                if end == len(tiles) or gap:
+                    runs.append(_run_task(plan, tiles[start:end]))
+                    start = end
+        chunks.append(tuple(runs))
+    return chunks
 
-    for i in sorted(indexes, key=lambda k: (plan.windows[k].row_off, plan.windows[k].col_off)):
-        if current:
-            prev = plan.windows[current[-1]]
-            win = plan.windows[i]
-            joins = (win.row_off == prev.row_off and win.col_off <= prev.col_off + prev.width
-                     and len(current) < MAX_RUN_TILES)
-            if not joins:
-                flush()
-        current.append(i)
-    flush()
-    return runs
+
+def _run_task(plan: _TilePlan, tiles: Sequence[int]) -> _RunTask:
+    first, last = plan.windows[tiles[0]], plan.windows[tiles[-1]]
+    union = PixelWindow.from_bounds(first.col_off, first.row_off, last.col_off + last.width,
+                                    first.row_off + first.height)
+    return _RunTask(union, tuple(
+        _TileTask(i, plan.tile_ids[i], plan.windows[i], plan.label_text[i],
+                  plan.mask_rings[i], plan.region_wkb[i]) for i in tiles))
 
 
 def _background_order(candidates: np.ndarray, seed: int, scene_id: str) -> np.ndarray:
@@ -894,6 +926,9 @@ class _Executor:
             self.pool = ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=_mp_context(),
                 initializer=_worker_init, initargs=(self.setup,))
+            # Start the workers now, before the caller starts threads (a progress bar): fork
+            # copies only the forking thread.
+            self.pool.submit(int).result()
         else:
             _worker_init(self.setup)
         return self
@@ -904,20 +939,20 @@ class _Executor:
         else:
             _worker_close()
 
-    def run(self, runs: Sequence[_RunTask], on_done: Callable[[int], None]
+    def run(self, chunks: Sequence[tuple[_RunTask, ...]], on_done: Callable[[int], None]
             ) -> list[tuple[int, str, float]]:
         results: list[tuple[int, str, float]] = []
         if self.pool is None:
-            for run in runs:
-                results.extend(_process_run(run))
-                on_done(len(run.tiles))
+            for chunk in chunks:
+                results.extend(_process_chunk(chunk))
+                on_done(_tile_count(chunk))
             return results
         # Bounded submission keeps queued tasks (and their label payloads) small.
         pending: dict[Future[list[tuple[int, str, float]]], int] = {}
-        queue = iter(runs)
-        for run in queue:
-            pending[self.pool.submit(_process_run, run)] = len(run.tiles)
-            if len(pending) >= 4 * self.workers:
+        queue = iter(chunks)
+        for chunk in queue:
+            pending[self.pool.submit(_process_chunk, chunk)] = _tile_count(chunk)
+            if len(pending) >= 2 * self.workers:
                 break
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -926,8 +961,12 @@ class _Executor:
                 on_done(pending.pop(future))
                 nxt = next(queue, None)
                 if nxt is not None:
-                    pending[self.pool.submit(_process_run, nxt)] = len(nxt.tiles)
+                    pending[self.pool.submit(_process_chunk, nxt)] = _tile_count(nxt)
         return results
+
+
+def _tile_count(chunk: tuple[_RunTask, ...]) -> int:
+    return sum(len(run.tiles) for run in chunk)
 
 
 @contextmanager
@@ -1020,10 +1059,10 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
         if existing is not None:
             return existing
 
-        group_dir.mkdir(parents=True, exist_ok=True)
-        _write_params(group_dir / "params.json", params, classes, digest)
         tmp_dir = group_dir / f".tmp-{scene.scene_id}-{uuid.uuid4().hex[:8]}"
         try:
+            group_dir.mkdir(parents=True, exist_ok=True)
+            _write_params(group_dir / "params.json", params, classes, digest)
             (tmp_dir / "images").mkdir(parents=True)
             (tmp_dir / "labels").mkdir()
             _build_shard(
@@ -1032,6 +1071,9 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
                 workers=n_workers, progress=progress, digest=digest, source=source,
                 started=started)
             _publish(tmp_dir, shard_dir)
+        except OSError as exc:
+            raise StorageError(f"{group_dir}: cannot write the shard of scene "
+                               f"{scene.scene_id} ({exc})") from None
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return TilingResult.from_index(shard_dir / "index.json", reused=False)
@@ -1064,7 +1106,12 @@ def _publish(tmp_dir: Path, shard_dir: Path) -> None:
     if shard_dir.exists():
         old = shard_dir.with_name(f".old-{shard_dir.name}-{uuid.uuid4().hex[:8]}")
         os.replace(shard_dir, old)
-    os.replace(tmp_dir, shard_dir)
+    try:
+        os.replace(tmp_dir, shard_dir)
+    except OSError:
+        # A concurrent run of the same scene published first; its shard is as good as ours.
+        if not (shard_dir / "index.json").exists():
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -1088,10 +1135,13 @@ def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: Ti
     background = _background_order(
         np.array([i for i in range(n) if plan.in_aoi[i] and not plan.label_text[i]], int),
         params.seed, scene.scene_id)
-    positive_runs = _runs(plan, positive)
-    use = min(workers, max(1, len(positive_runs)))
-    with _progress_bar(progress, scene.scene_id) as update, _Executor(setup, use) as executor:
-        total = len(positive)
+    # One pass over positives and the background sample they allow, in grid order, so scene
+    # blocks are decoded about once; then exact bookkeeping for tiles skipped for nodata.
+    taken = min(len(background), round(params.background_ratio * len(positive)))
+    first_pass = _chunks(plan, [*positive, *background[:taken].tolist()])
+    use = min(workers, max(1, len(first_pass)))
+    with _Executor(setup, use) as executor, _progress_bar(progress, scene.scene_id) as update:
+        total = len(positive) + taken
         update(0, total)
 
         def record(results: list[tuple[int, str, float]]) -> None:
@@ -1099,17 +1149,21 @@ def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: Ti
                 status[index] = state
                 nodata[index] = round(fraction, 4)
 
-        record(executor.run(positive_runs, lambda k: update(k, total)))
+        record(executor.run(first_pass, lambda k: update(k, total)))
         quota = round(params.background_ratio * sum(status[i] == "written" for i in positive))
-        kept = taken = 0
+        kept = [int(i) for i in background[:taken] if status[i] == "written"]
+        for i in kept[quota:]:  # positives lost to nodata lowered the quota
+            (tmp_dir / "images" / f"{plan.tile_ids[i]}.{setup.image_format}").unlink()
+            (tmp_dir / "labels" / f"{plan.tile_ids[i]}.txt").unlink()
+            status[i] = "background_cap"
         # Background chips skipped for nodata are replaced by the next ones in seeded order.
-        while kept < quota and taken < len(background):
-            batch = background[taken:taken + quota - kept].tolist()
+        while len(kept) < quota and taken < len(background):
+            batch = background[taken:taken + quota - len(kept)].tolist()
             taken += len(batch)
             total += len(batch)
-            results = executor.run(_runs(plan, batch), lambda k, t=total: update(k, t))
+            results = executor.run(_chunks(plan, batch), lambda k, t=total: update(k, t))
             record(results)
-            kept += sum(state == "written" for _, state, _ in results)
+            kept += [i for i, state, _ in results if state == "written"]
     written = [i for i in range(n) if status[i] == "written"]
     positive_written = [i for i in written if plan.label_text[i]]
     labelled = (np.unique(np.concatenate([plan.object_sets[i] for i in positive_written]))

@@ -188,3 +188,19 @@ def test_s3_settings_from_airflow_connection(s3_bucket: str, s3_endpoint: str,
 
 def test_join_key() -> None:
     assert join_key("a/", "/b", "", "c.json") == "a/b/c.json"
+
+
+def test_put_tree_and_get_tree(storage: Storage, tmp_path: Path) -> None:
+    src = tmp_path / "shard"
+    (src / "images").mkdir(parents=True)
+    (src / "images" / "a.jpg").write_bytes(b"A")
+    (src / "labels").mkdir()
+    (src / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (src / "index.json").write_text("{}")
+    keys = storage.put_tree(src, "chips/t/h/s1", last="index.json")
+    assert keys[-1] == "chips/t/h/s1/index.json"
+    assert sorted(keys) == ["chips/t/h/s1/images/a.jpg", "chips/t/h/s1/index.json",
+                            "chips/t/h/s1/labels/a.txt"]
+    out = storage.get_tree("chips/t/h/s1", tmp_path / "copy")
+    assert (out / "labels" / "a.txt").read_text() == "0 0.5 0.5 0.1 0.1\n"
+    assert (out / "images" / "a.jpg").read_bytes() == b"A"
