@@ -283,7 +283,8 @@ Scene: synthetic {size} x {size} px ({megapixels:.0f} MP), 3-band uint8, deflate
 {TILE_PX} px with {OVERLAP} overlap, JPEG quality {JPEG_QUALITY} (SAHI: Pillow's default 75),
 {workers} worker process(es) for the tiler and the floor; SAHI is single-process.
 
-Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when the run ended.
+Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when the run ended (other jobs
+shared the machine, so compare arms within a run rather than absolute rates across runs).
 
 {table}
 

@@ -123,6 +123,103 @@ def config_docs(
 # --- stage commands are registered below (one block per stage) ---------------------------
 
 
+# --- synth: synthetic drops for the demo, tests and benchmarks ---
+@app.command("synth")
+@handle_errors
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the drops: OUT/<drop_id>/.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Object-type YAML whose classes to draw.")] = None,
+    classes: Annotated[str | None, typer.Option(
+        "--classes", help="Comma-separated class names (default: car,truck).")] = None,
+    drops: Annotated[int, typer.Option(help="Number of drops.")] = 1,
+    scenes_per_drop: Annotated[int, typer.Option(help="Scenes in each drop.")] = 1,
+    size: Annotated[int, typer.Option(help="Scene width and height in pixels.")] = 1024,
+    region: Annotated[str, typer.Option(help="Background: vegetated or arid.")] = "vegetated",
+    gsd: Annotated[float, typer.Option(help="Ground sample distance, metres.")] = 0.5,
+    epsg: Annotated[int, typer.Option(help="Projected CRS of the scenes.")] = 32633,
+    objects_per_class: Annotated[int, typer.Option(help="Objects of each class.")] = 20,
+    decoys: Annotated[int, typer.Option(help="Unannotated look-alikes per scene.")] = 10,
+    nodata_border: Annotated[int, typer.Option(help="Nodata frame width, pixels.")] = 0,
+    bands: Annotated[int, typer.Option(help="3 (RGB) or 4 (RGB + NIR).")] = 3,
+    uint16: Annotated[bool, typer.Option(
+        "--uint16", help="12-bit values (1..4095) in uint16 instead of uint8.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed; each scene gets its own from it.")] = 0,
+    prefix: Annotated[str | None, typer.Option(
+        help="Id prefix of drops and scenes (default: <region>-s<seed>).")] = None,
+    annotations_epsg: Annotated[int | None, typer.Option(
+        help="Write annotations in this CRS (e.g. 4326) instead of the scene CRS.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write into drop folders that already hold files.")] = False,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress",
+        help="Progress bars (default: on for scenes of 4096 px or more).")] = None,
+) -> None:
+    """Write synthetic drops: georeferenced scenes and their annotations."""
+    import numpy as np
+
+    from retrain_lib.errors import ConfigError
+    from retrain_lib.synthetic import SceneSpec, make_drop, plan_objects
+
+    if config is not None and classes is not None:
+        raise ConfigError("--config and --classes: give one of them, not both")
+    for name, value in (("--drops", drops), ("--scenes-per-drop", scenes_per_drop)):
+        if value < 1:
+            raise ConfigError(f"{name}: got {value}; expected at least 1")
+    if seed < 0:
+        raise ConfigError(f"--seed: got {seed}; expected an integer >= 0")
+    if region not in ("vegetated", "arid"):
+        raise ConfigError(f"--region: got {region!r}; expected vegetated or arid")
+    if config is not None:
+        from retrain_lib.config import load_object_type_config
+
+        class_names = tuple(load_object_type_config(config).classes)
+    elif classes is not None:
+        class_names = tuple(c.strip() for c in classes.split(","))
+        if any(not c for c in class_names):
+            raise ConfigError(f"--classes: got {classes!r}; expected comma-separated names, "
+                              "e.g. car,truck")
+    else:
+        class_names = ("car", "truck")
+    prefix = prefix or f"{region}-s{seed}"
+    plans: list[tuple[str, list[SceneSpec]]] = []
+    for d in range(drops):
+        drop_id = f"{prefix}-d{d:02d}"
+        specs = []
+        for i in range(scenes_per_drop):
+            # Independent per-scene seeds, so runs with neighbouring --seed share no scene.
+            scene_seed = int(np.random.SeedSequence([seed, d, i]).generate_state(1)[0])
+            specs.append(SceneSpec(
+                scene_id=f"{drop_id}-{i:02d}", width=size, height=size, gsd_m=gsd, epsg=epsg,
+                region=region, classes=class_names,  # type: ignore[arg-type]
+                objects_per_class=objects_per_class, decoys=decoys,
+                nodata_border=nodata_border, bands=bands,  # type: ignore[arg-type]
+                dtype="uint16" if uint16 else "uint8", seed=scene_seed))
+        for spec in specs:  # fail before writing anything if objects do not fit
+            plan_objects(spec)
+        drop_dir = out / drop_id
+        if not overwrite and drop_dir.is_dir() and any(drop_dir.iterdir()):
+            raise ConfigError(f"{drop_dir}: drop folder already holds files; choose another "
+                              "--seed or --prefix, or pass --overwrite")
+        plans.append((drop_id, specs))
+    show_progress = size >= 4096 if progress is None else progress
+    table = Table("drop folder", "scene", "size (px)", "GSD (m)", "region", "objects",
+                  "decoys", title=None)
+    total = 0
+    for drop_id, specs in plans:
+        for scene in make_drop(out / drop_id, specs, progress=show_progress,
+                               annotations_epsg=annotations_epsg):
+            counts = scene.counts()
+            n_decoys = counts.pop("decoys")
+            table.add_row(str(scene.path.parent), scene.spec.scene_id, f"{size}x{size}",
+                          f"{gsd:g}", region, " ".join(f"{k}={v}" for k, v in counts.items()),
+                          str(n_decoys))
+            total += 1
+    console.print(table)
+    console.print(f"[green]wrote {total} scene(s) in {len(plans)} drop(s) under {out}; "
+                  "each scene is <scene>.tif + <scene>.geojson[/]")
+
+
 @app.command("detect")
 @handle_errors
 def detect_command(

@@ -154,19 +154,25 @@ def select_hard_examples(*, scene: Any, classes: Sequence[str], pred_boxes: np.n
 
     taken = [tuple(c) for c in taken_centres]
     examples: list[HardExample] = []
+    windows: set[tuple[int, int, int, int]] = set()
     duplicates = capped = 0
     transform = scene.transform
     for kind, i in _interleave(fps, fns):
         box = pred_boxes[i] if kind == 0 else truth_boxes[i]
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        mx, my = transform * (cx, cy)
+        mx, my = transform @ (float(cx), float(cy))
         if dedup_radius_m > 0 and any(math.hypot(mx - tx, my - ty) < dedup_radius_m
                                       for tx, ty in taken):
+            duplicates += 1
+            continue
+        window = _centred_window(cx, cy, tile_px, scene.width, scene.height)
+        if window in windows:  # clamped at a scene edge onto a chip already taken
             duplicates += 1
             continue
         if len(examples) >= max_examples:
             capped += 1
             continue
+        windows.add(window)
         import shapely
 
         lonlat = reproject_geometries(np.array([shapely.Point(mx, my)], dtype=object),
@@ -180,7 +186,7 @@ def select_hard_examples(*, scene: Any, classes: Sequence[str], pred_boxes: np.n
             box_px=tuple(round(float(v), 2) for v in box),  # type: ignore[arg-type]
             center_map=(round(float(mx), 3), round(float(my), 3)),
             center_lonlat=(round(float(lonlat.x), 7), round(float(lonlat.y), 7)),
-            window=_centred_window(cx, cy, tile_px, scene.width, scene.height),
+            window=window,
             crs=scene.crs.to_string(),
         ))
         taken.append((mx, my))

@@ -1,9 +1,10 @@
 """Synthetic georeferenced scenes for the demo, the tests and the benchmarks.
 
-A scene is a tiled (512 px blocks), deflate-compressed GeoTIFF in a projected CRS (a UTM zone
-by default) at a set ground sample distance. It shows small objects of each configured class
-on a textured background, plus look-alike decoys that are *not* annotated, so that a detector
-trained without them makes false positives that hard-negative mining can learn from.
+A scene is a tiled (512 px blocks; a single smaller block below 512 px), deflate-compressed
+GeoTIFF in a projected CRS (a UTM zone by default) at a set ground sample distance. It shows
+small objects of each configured class on a textured background, plus look-alike decoys that
+are *not* annotated, so that a detector trained without them makes false positives that
+hard-negative mining can learn from.
 
 Drop layout (what ingest reads): one folder per drop, one GeoTIFF and one GeoJSON per scene,
 paired by file stem::
@@ -19,8 +20,8 @@ Appearance is keyed by class *index*, so any object type's classes work (up to
 ====  ===========  ===============================================================
 idx   size (px)    look
 ====  ===========  ===============================================================
-0     14 x 7       bright body, dark windshield band near the front, dim rear window
-1     28 x 10      bright trailer, coloured cab at the front with a windshield, dark gap
+0     14 x 7       bright body, dark windshield band near the front, dark rear window
+1     28 x 10      bright trailer with two roof rails, dark gap, red/blue cab with windshield
 2     22 x 12      body with a dark "+" marking
 3     36 x 11      yellow/white body, rows of dark window panes along both sides
 4     18 x 18      square body with a dark ring
@@ -50,7 +51,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -631,6 +632,11 @@ def _render_block(spec: SceneSpec, placements: Sequence[_Placement], tree: Any,
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+def _remove_quietly(path: Path) -> None:
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def _block_size(spec: SceneSpec) -> int:
     # TIFF tiles must be multiples of 16; small scenes get one tile instead of a mostly empty one.
     return min(_BLOCK, 16 * math.ceil(max(spec.width, spec.height) / 16))
@@ -700,10 +706,10 @@ def write_scene(path: str | Path, spec: SceneSpec, *, progress: bool = False,
                         on_block(done, n_rows * n_cols)
         os.replace(temporary, path)
     except (OSError, rasterio.errors.RasterioError) as exc:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise StorageError(f"{path}: cannot write synthetic scene ({exc})") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise
     return SyntheticScene(path=path, annotations_path=None, crs=spec.crs, transform=transform,
                           objects=tuple(obj for obj, _ in planned), spec=spec)
@@ -789,7 +795,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise StorageError(f"{path}: cannot write ({exc})") from None
 
 

@@ -79,11 +79,13 @@ from retrain_lib.geo import (
 
 __all__ = [
     "SKIP_REASONS",
+    "Annotations",
     "Chip",
     "SceneInfo",
     "Stretch",
     "TilingResult",
     "inspect_scene",
+    "load_annotations",
     "params_hash",
     "read_chip",
     "resolve_tile_px",
@@ -533,8 +535,17 @@ def _process_run(run: _RunTask) -> list[tuple[int, str, float]]:
 
 
 @dataclass(frozen=True)
-class _Objects:
-    """Annotations ready for clipping: scene pixel geometries and class indexes."""
+class Annotations:
+    """Validated annotations of one scene: pixel geometries and class indexes.
+
+    Attributes:
+        pixel_geoms: Kept polygons in scene pixels (repaired where needed).
+        class_idx: Class index of each kept polygon.
+        feature_idx: Position in the source file of each kept polygon.
+        resolved_classes: Class name per input feature ('' when rejected).
+        notes: Repairs and ignored features worth telling the user.
+        rejected: Features ignored, each with its reason.
+    """
 
     pixel_geoms: np.ndarray
     class_idx: np.ndarray
@@ -552,12 +563,21 @@ def _feature_class(feature: Feature, class_property: str | None) -> Any:
     return None
 
 
-def _load_objects(labels_path: Path | None, scene: SceneInfo, classes: Sequence[str],
-                  normalise: Callable[[str], str | None], class_property: str | None
-                  ) -> _Objects:
+def load_annotations(labels_path: Path | None, scene: SceneInfo, classes: Sequence[str],
+                     normalise: Callable[[str], str | None] | None = None,
+                     class_property: str | None = None) -> Annotations:
+    """Read, validate and convert a scene's GeoJSON annotations to scene pixels.
+
+    Shared by tiling and ingest, so a drop that ingest accepts always tiles.
+
+    Raises:
+        InputError: a feature has no or an unknown class, the CRS cannot be reprojected, or no
+            annotation overlaps the scene (names the file and the features).
+    """
+    normalise = normalise or _case_insensitive(classes)
     empty = np.empty(0, dtype=object)
     if labels_path is None:
-        return _Objects(empty, np.empty(0, int), np.empty(0, int), (), (), ())
+        return Annotations(empty, np.empty(0, int), np.empty(0, int), (), (), ())
     features, crs = read_geojson(labels_path)
     source = str(labels_path)
     unknown: dict[str, list[str]] = {}
@@ -629,7 +649,7 @@ def _load_objects(labels_path: Path | None, scene: SceneInfo, classes: Sequence[
                      "scene (ignored)")
     class_of = {name: i for i, name in enumerate(classes)}
     kept_idx = kept_idx[inside]
-    return _Objects(
+    return Annotations(
         pixel_geoms=pixel[inside],
         class_idx=np.array([class_of[resolved[i]] for i in kept_idx], dtype=int),
         feature_idx=kept_idx,
@@ -786,7 +806,7 @@ class _TilePlan:
     partial: list[list[dict[str, Any]]]
 
 
-def _plan_tiles(windows: list[PixelWindow], scene_id: str, objects: _Objects,
+def _plan_tiles(windows: list[PixelWindow], scene_id: str, objects: Annotations,
                 classes: Sequence[str], aoi_px: shapely.Geometry | None,
                 min_visibility: float) -> _TilePlan:
     n = len(windows)
@@ -998,7 +1018,8 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
                scene_id: str | None = None,
                class_normaliser: Callable[[str], str | None] | None = None,
                class_property: str | None = None, workers: int | None = None,
-               progress: bool = False) -> TilingResult:
+               progress: bool = False, windows: Sequence[PixelWindow] | None = None,
+               tile_extras: Sequence[Mapping[str, Any]] | None = None) -> TilingResult:
     """Tile one scene and its annotations into a YOLO shard (see the module docstring).
 
     Args:
@@ -1015,6 +1036,11 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
             ``class``, ``class_name``, ``label``, ``category``.
         workers: Worker processes; defaults to ``params.workers``.
         progress: Show a progress bar on stderr.
+        windows: Write exactly these chips instead of the grid (hard-example mining): every
+            window is written whatever it holds (nodata and AOI rules still apply), and the
+            background ratio does not apply. Windows must be distinct.
+        tile_extras: With ``windows``, one mapping per window merged into its tile record in
+            ``index.json`` (e.g. the mining reason); keys must not clash with the tiler's.
 
     Returns:
         What was written (or found already written).
@@ -1035,13 +1061,17 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
     labels = Path(labels_path) if labels_path is not None else None
     aoi_path = Path(aoi) if aoi is not None else None
     n_workers = max(1, workers if workers is not None else params.workers)
+    if tile_extras is not None and (windows is None or len(tile_extras) != len(windows)):
+        raise ConfigError("tile_extras needs windows, one mapping per window")
+    if windows is not None and len(set(windows)) != len(windows):
+        raise ConfigError("windows must be distinct")
 
     with _gdal_env():
         with _open(scene_path) as dataset:
             scene = _scene_info(dataset, scene_path, scene_id)
             bands = _select_bands(dataset, params.bands, str(scene_path))
         tile_px, overlap_px = resolve_tile_px(params, scene)
-        objects = _load_objects(labels, scene, classes, normalise, class_property)
+        objects = load_annotations(labels, scene, classes, normalise, class_property)
         aoi_px = _load_aoi(aoi_path, scene) if aoi_path is not None else None
 
         digest = params_hash(params, classes)
@@ -1055,6 +1085,10 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
                 "\n".join(objects.resolved_classes).encode()).hexdigest(),
             "tile_px": tile_px, "overlap_px": overlap_px,
         }
+        if windows is not None:
+            source["windows_sha256"] = hashlib.sha256(json.dumps(
+                [[list(w.bounds) for w in windows], list(tile_extras or [])],
+                sort_keys=True, default=str).encode()).hexdigest()
         existing = _existing_shard(shard_dir, source)
         if existing is not None:
             return existing
@@ -1069,7 +1103,7 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
                 scene, dataset_bands=bands, params=params, classes=classes, objects=objects,
                 aoi_px=aoi_px, tile_px=tile_px, overlap_px=overlap_px, tmp_dir=tmp_dir,
                 workers=n_workers, progress=progress, digest=digest, source=source,
-                started=started)
+                started=started, windows=windows, tile_extras=tile_extras)
             _publish(tmp_dir, shard_dir)
         except OSError as exc:
             raise StorageError(f"{group_dir}: cannot write the shard of scene "
@@ -1117,10 +1151,21 @@ def _publish(tmp_dir: Path, shard_dir: Path) -> None:
 
 
 def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: TilingConfig,
-                 classes: Sequence[str], objects: _Objects, aoi_px: shapely.Geometry | None,
+                 classes: Sequence[str], objects: Annotations, aoi_px: shapely.Geometry | None,
                  tile_px: int, overlap_px: int, tmp_dir: Path, workers: int, progress: bool,
-                 digest: str, source: Mapping[str, Any], started: float) -> None:
-    windows = tile_grid(scene.width, scene.height, tile_px, overlap_px)
+                 digest: str, source: Mapping[str, Any], started: float,
+                 windows: Sequence[PixelWindow] | None = None,
+                 tile_extras: Sequence[Mapping[str, Any]] | None = None) -> None:
+    chosen = windows is not None
+    if windows is None:
+        windows = tile_grid(scene.width, scene.height, tile_px, overlap_px)
+    else:
+        scene_box = PixelWindow(0, 0, scene.width, scene.height)
+        for w in windows:
+            if w.intersection(scene_box) != w:
+                raise ConfigError(f"window {w} is not inside scene {scene.scene_id} "
+                                  f"({scene.width} x {scene.height} px)")
+    windows = list(windows)
     plan = _plan_tiles(windows, scene.scene_id, objects, classes, aoi_px,
                        params.min_visibility)
     with _open(scene.path) as dataset:
@@ -1131,9 +1176,11 @@ def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: Ti
     status: list[str] = ["outside_aoi" if not plan.in_aoi[i] else "background_cap"
                          for i in range(n)]
     nodata: list[float | None] = [None] * n
-    positive = [i for i in range(n) if plan.in_aoi[i] and plan.label_text[i]]
+    # Chosen windows (mining) are all written: a hard negative is an empty chip on purpose.
+    positive = [i for i in range(n) if plan.in_aoi[i] and (chosen or plan.label_text[i])]
     background = _background_order(
-        np.array([i for i in range(n) if plan.in_aoi[i] and not plan.label_text[i]], int),
+        np.array([] if chosen else
+                 [i for i in range(n) if plan.in_aoi[i] and not plan.label_text[i]], int),
         params.seed, scene.scene_id)
     # One pass over positives and the background sample they allow, in grid order, so scene
     # blocks are decoded about once; then exact bookkeeping for tiles skipped for nodata.
@@ -1189,6 +1236,12 @@ def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: Ti
             "image": f"images/{plan.tile_ids[i]}.{ext}" if is_written else None,
             "label": f"labels/{plan.tile_ids[i]}.txt" if is_written else None,
         })
+        if tile_extras is not None:
+            clash = sorted(set(tile_extras[i]) & set(tiles[-1]))
+            if clash:
+                raise ConfigError(f"tile_extras keys {', '.join(clash)} clash with the tile "
+                                  "index's own keys")
+            tiles[-1].update(tile_extras[i])
     index = {
         "format_version": 1,
         "scene_id": scene.scene_id,

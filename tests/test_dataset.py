@@ -1,0 +1,153 @@
+"""Dataset versions: scene-level frozen test set, balancing, stable content-hash ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retrain_lib.config import ObjectTypeConfig
+from retrain_lib.dataset import assemble_dataset, assign_scene_splits, load_scene_splits
+from retrain_lib.storage import LocalStorage, Storage, open_storage
+from retrain_lib.synthetic import SceneSpec, make_drop
+from retrain_lib.tiling import tile_scene
+
+CFG = ObjectTypeConfig.model_validate({
+    "name": "vehicle", "classes": ["car", "truck"],
+    "tiling": {"tile_size": 128, "overlap": 0.2, "background_ratio": 0.2},
+    "dataset": {"test_scene_fraction": 0.25, "val_fraction": 0.34},
+    "mining": {"oversample": 3},
+})
+Shards = tuple[Path, dict[str, str]]
+REGIONS = {f"a{i}": "vegetated" for i in range(4)} | {f"b{i}": "arid" for i in range(2)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Shards:
+    """Six tiled scenes in a local storage root: scene_id -> shard prefix."""
+    root = tmp_path_factory.mktemp("store")
+    src = tmp_path_factory.mktemp("src")
+    out: dict[str, str] = {}
+    for i, (scene_id, region) in enumerate(sorted(REGIONS.items())):
+        (scene,) = make_drop(src / scene_id, [SceneSpec(
+            scene_id=scene_id, width=256, height=256, objects_per_class=3, decoys=0,
+            region=region, seed=i)])  # type: ignore[arg-type]
+        result = tile_scene(scene.path, scene.annotations_path, CFG.classes,
+                            root / "chips" / "vehicle", CFG.tiling, workers=1)
+        out[scene_id] = f"chips/vehicle/{result.params_hash}/{scene_id}"
+    return root, out
+
+
+def fresh_storage(tmp_path: Path, shards: Shards) -> LocalStorage:
+    import shutil
+
+    root, _ = shards
+    shutil.copytree(root, tmp_path / "root")
+    return LocalStorage(tmp_path / "root")
+
+
+def lines(storage: Storage, key: str) -> list[str]:
+    return storage.get_bytes(key).decode().splitlines()
+
+
+def test_no_test_scene_tile_reaches_train_or_val(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    version = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
+                               cycle_id="c1")
+    splits = load_scene_splits(storage, "vehicle")
+    test = {s for s, a in splits.items() if a.split == "test"}
+    assert test and set(version.test_scenes) == test
+    # At least one test scene per region, since each region brought two or more scenes.
+    assert {splits[s].region for s in test} == {"vegetated", "arid"}
+    for name in ("train.txt", "val.txt"):
+        for line in lines(storage, f"{version.prefix}/{name}"):
+            assert not any(f"/{s}/images/" in line for s in test), line
+    # Paths are relative to the dataset folder and resolve to real chips and labels.
+    first = lines(storage, f"{version.prefix}/train.txt")[0]
+    image = (storage.path(version.prefix) / first).resolve()
+    assert image.is_file()
+    assert Path(str(image).replace("/images/", "/labels/")).with_suffix(".txt").is_file()
+
+
+def test_version_id_is_stable_and_reused(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    first = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    again = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    assert again.version == first.version and again.reused and not first.reused
+    other = fresh_storage(tmp_path / "other", shards)
+    elsewhere = assemble_dataset(other, CFG, scene_shards=shards[1], regions=REGIONS)
+    assert elsewhere.version == first.version
+    assert first.version.startswith("ds-") and len(first.version) == 15
+
+
+def test_splits_are_frozen_as_scenes_arrive(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    early = {s: REGIONS[s] for s in ("a0", "a1", "a2")}
+    before = assign_scene_splits(storage, CFG, early, cycle_id="c1")
+    after = assign_scene_splits(storage, CFG, REGIONS, cycle_id="c2")
+    for scene_id, split in before.items():
+        assert after[scene_id] == split
+    assert {after[s].assigned_cycle for s in ("b0", "b1")} == {"c2"}
+
+
+def test_hard_chips_are_oversampled_and_test_hard_chips_dropped(tmp_path: Path,
+                                                                shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    base = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    splits = load_scene_splits(storage, "vehicle")
+    train_scene = next(s for s, a in sorted(splits.items()) if a.split == "train")
+    test_scene = next(s for s, a in sorted(splits.items()) if a.split == "test")
+    # Reuse regular shards as 'hard' shards: one from a train scene, one from a test scene.
+    hard = [shards[1][train_scene], shards[1][test_scene]]
+    with_hard = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
+                                 hard_shards=hard)
+    assert with_hard.version != base.version
+    hard_chips = with_hard.card["train_unique"]["hard_chips"]
+    n_train_scene_chips = len(lines(storage, f"{base.prefix}/train.txt"))
+    assert hard_chips > 0
+    assert with_hard.train_images - base.train_images == 3 * hard_chips
+    assert with_hard.train_images < n_train_scene_chips + 3 * hard_chips + 1_000
+    train_lines = lines(storage, f"{with_hard.prefix}/train.txt")
+    assert not any(f"/{test_scene}/images/" in line for line in train_lines)
+
+
+def test_card_and_data_yaml(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    version = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
+                               cycle_id="c7")
+    data = yaml.safe_load(storage.get_bytes(version.data_yaml_key))
+    assert data == {"train": "train.txt", "val": "val.txt", "nc": 2,
+                    "names": {0: "car", 1: "truck"}}
+    card = storage.get_json(f"{version.prefix}/card.json")
+    assert card["cycle_id"] == "c7" and card["classes"] == ["car", "truck"]
+    assert set(card["train"]["regions"]) <= {"vegetated", "arid"}
+    assert card["train"]["instances"]["car"] > 0
+    assert card["test_scenes_per_region"] == {"vegetated": 1, "arid": 1}
+    markdown = storage.get_bytes(f"{version.prefix}/card.md").decode()
+    assert f"# Dataset {version.version}" in markdown and "| arid |" in markdown
+
+
+def test_under_represented_region_is_oversampled_up_to_the_cap(tmp_path: Path,
+                                                               shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    version = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    unique = version.card["train_unique"]["regions"]
+    repeated = version.card["train"]["regions"]
+    small = min(unique, key=unique.get)
+    large = max(unique, key=unique.get)
+    if unique[small] < unique[large]:
+        assert repeated[small] > unique[small]
+        assert repeated[small] <= unique[small] * CFG.dataset.rare_class_oversample_cap
+
+
+def test_assembly_over_s3(s3_bucket: str, tmp_path: Path, shards: Shards) -> None:
+    root, scene_shards = shards
+    storage = open_storage(f"s3://{s3_bucket}/data")
+    for prefix in scene_shards.values():
+        storage.put_tree(root / prefix, prefix, last="index.json")
+    version = assemble_dataset(storage, CFG, scene_shards=scene_shards, regions=REGIONS)
+    local = assemble_dataset(fresh_storage(tmp_path, shards), CFG, scene_shards=scene_shards,
+                             regions=REGIONS)
+    assert version.version == local.version
+    assert storage.exists(version.data_yaml_key)
