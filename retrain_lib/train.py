@@ -28,6 +28,7 @@ import posixpath
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -1037,64 +1038,139 @@ def _train(run: _Run) -> TrainResult:
     if adapted:
         _check_class_change(request, weights, dataset)
 
-    from mlflow import MlflowClient
-    from mlflow.entities import Param, RunTag
-
-    client = MlflowClient(run.tracking_uri)
-    experiment_id = _experiment_id(client, request.experiment, run.tracking_uri)
-    state = scratch.state()
-    last = scratch.save_dir / "weights" / "last.pt"
-    resume = state.get("status") != "trained" and _resumable(last)
-    run_id = _mlflow_run(client, experiment_id, state, request.default_run_name(),
-                         continuing=resume or state.get("status") == "trained")
-    run.resumed = resume or state.get("status") == "trained"
-    scratch.update(mlflow_run_id=run_id, status=state.get("status", "training"),
-                   request=request.model_dump())
-    code_version, sha = _code_version()
-    tags = {
-        "object_type": request.object_type or "",
-        "dataset_version": dataset.version,
-        "parent_model_version": request.parent_model_version or weights.parent_version or "",
-        "cycle_id": request.cycle_id or "",
-        "candidate": request.candidate or "",
-        "code_version": code_version,
-        "class_names": ",".join(dataset.names),
-        "head_adapted": str(adapted).lower(),
-        "autoretrain.request_hash": request.identity()[:20],
-    }
-    if sha:
-        tags["mlflow.source.git.commit"] = sha
-    params = {
-        "data": request.data, "weights": request.weights, "epochs": request.epochs,
-        "imgsz": request.imgsz, "batch": request.batch, "device": request.device,
-        "workers": request.workers, "seed": request.seed, "nc": len(dataset.names),
-        "train_images": dataset.train_images, "val_images": dataset.val_images,
-        "train_instances": ",".join(map(str, dataset.train_instances)),
-        **{k: json.dumps(v) if isinstance(v, list) else v for k, v in request.params.items()},
-    }
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items() if v != ""])
-    epoch_logger = _EpochLogger(client, run_id)
-    log.info("MLflow run %s in experiment %r at %s", run_id, request.experiment,
-             run.tracking_uri)
+    trained = scratch.state().get("status") == "trained"
+    resume = not trained and _resumable(scratch.save_dir / "weights" / "last.pt")
+    run.resumed = resume or trained
+    tracking = _Tracking(run, dataset, weights, adapted)
     try:
-        if scratch.state().get("status") != "trained":
-            metrics = _fit(run, dataset, weights, resume, epoch_logger)
+        if not trained:
+            metrics = _fit(run, dataset, weights, resume, tracking)
+            tracking.wait()  # its state update must land before ours
             scratch.update(status="trained", metrics=metrics)
+        else:
+            tracking.start()
+            tracking.wait()
         metrics = scratch.state()["metrics"]
         log.info("training done; uploading results to %s", out.uri)
-        epoch_logger.log_rows(scratch.save_dir / "results.csv")
-        result = _publish(run, client, run_id, out, metrics, dataset)
+        assert tracking.epoch_logger is not None
+        tracking.epoch_logger.log_rows(scratch.save_dir / "results.csv")
+        result = _publish(run, tracking.client, tracking.run_id, out, metrics, dataset)
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, status=status)
+        tracking.finish("KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit)
+                        else "FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    tracking.finish("FINISHED")
     scratch.result_file.write_text(result.to_json())
     scratch.update(status="done")
     scratch.clean_after_success()
     return result
+
+
+class _Tracking:
+    """The MLflow side of one training, set up in a background thread.
+
+    Importing mlflow and opening its store cost seconds of CPU; started once Ultralytics is
+    imported, that work overlaps with the trainer's start-up and first epoch, whose tensor
+    work runs outside the GIL. The first epoch-end callback waits for it, so metrics are
+    never lost, and a tracking failure stops the training there.
+    """
+
+    def __init__(self, run: _Run, dataset: DatasetSummary, weights: _Weights,
+                 adapted: bool) -> None:
+        self.run = run
+        self.dataset = dataset
+        self.weights = weights
+        self.adapted = adapted
+        self.client: Any = None
+        self.run_id = ""
+        self.epoch_logger: _EpochLogger | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._setup, name="autoretrain-mlflow",
+                                        daemon=True)
+
+    def start(self) -> None:
+        """Begin connecting (once)."""
+        if not self._thread.is_alive() and not self._thread.ident:
+            self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the run is ready; re-raise what went wrong while setting it up."""
+        self.start()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def log_epoch(self, trainer: Any) -> None:
+        """Ultralytics' on_fit_epoch_end callback."""
+        self.wait()
+        assert self.epoch_logger is not None
+        self.epoch_logger(trainer)
+
+    def finish(self, status: str) -> None:
+        """End the run with ``status``; on the failure paths never raise."""
+        if not self._thread.ident:
+            return
+        self._thread.join()
+        if not self.run_id:
+            return
+        if status == "FINISHED":
+            self.client.set_terminated(self.run_id, status=status)
+            return
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _setup(self) -> None:
+        try:
+            self._connect()
+        except BaseException as exc:  # handed to the main thread by wait()
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(exc, MlflowException | OSError) and not isinstance(exc, RetrainError):
+                exc = StorageError(f"MLflow at {self.run.tracking_uri}: {exc}")
+            self._error = exc
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
+
+        run, request, dataset = self.run, self.run.request, self.dataset
+        client = MlflowClient(run.tracking_uri)
+        experiment_id = _experiment_id(client, request.experiment, run.tracking_uri)
+        state = run.scratch.state()
+        run_id = _mlflow_run(client, experiment_id, state, request.default_run_name(),
+                             continuing=run.resumed)
+        run.scratch.update(mlflow_run_id=run_id, status=state.get("status", "training"),
+                           request=request.model_dump())
+        code_version, sha = _code_version()
+        tags = {
+            "object_type": request.object_type or "",
+            "dataset_version": dataset.version,
+            "parent_model_version": request.parent_model_version
+            or self.weights.parent_version or "",
+            "cycle_id": request.cycle_id or "",
+            "candidate": request.candidate or "",
+            "code_version": code_version,
+            "class_names": ",".join(dataset.names),
+            "head_adapted": str(self.adapted).lower(),
+            "autoretrain.request_hash": request.identity()[:20],
+        }
+        if sha:
+            tags["mlflow.source.git.commit"] = sha
+        params = {
+            "data": request.data, "weights": request.weights, "epochs": request.epochs,
+            "imgsz": request.imgsz, "batch": request.batch, "device": request.device,
+            "workers": request.workers, "seed": request.seed, "nc": len(dataset.names),
+            "train_images": dataset.train_images, "val_images": dataset.val_images,
+            "train_instances": ",".join(map(str, dataset.train_instances)),
+            **{k: json.dumps(v) if isinstance(v, list) else v
+               for k, v in request.params.items()},
+        }
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items() if v != ""])
+        self.epoch_logger = _EpochLogger(client, run_id)
+        self.client, self.run_id = client, run_id
+        log.info("MLflow run %s in experiment %r at %s", run_id, request.experiment,
+                 run.tracking_uri)
 
 
 def _check_class_change(request: TrainRequest, weights: _Weights,
@@ -1137,12 +1213,17 @@ def _mlflow_run(client: Any, experiment_id: str, state: dict[str, Any], run_name
 
 
 def _fit(run: _Run, dataset: DatasetSummary, weights: _Weights, resume: bool,
-         epoch_logger: _EpochLogger) -> dict[str, float]:
+         tracking: _Tracking) -> dict[str, float]:
     """Run Ultralytics; returns the final validation metrics of best.pt."""
     request = run.request
+    # polars: Ultralytics imports it at the first epoch end anyway; importing it here keeps
+    # the tracking thread and this one from importing it at the same moment.
+    import polars  # noqa: F401
     import torch
     from ultralytics import YOLO
 
+    tracking.start()
+    threads = torch.get_num_threads()
     if request.device == "cpu":
         # Ultralytics leaves one core idle on import; training uses them all.
         torch.set_num_threads(_torch_threads())
@@ -1161,7 +1242,7 @@ def _fit(run: _Run, dataset: DatasetSummary, weights: _Weights, resume: bool,
             epochs=request.epochs, seed=request.seed, project=str(run.scratch.save_dir.parent),
             name=run.scratch.save_dir.name, exist_ok=True, verbose=True, **request.params)
     model.add_callback("on_pretrain_routine_start", _drop_foreign_loggers)
-    model.add_callback("on_fit_epoch_end", epoch_logger)
+    model.add_callback("on_fit_epoch_end", tracking.log_epoch)
     try:
         with _ultralytics_integrations_off():
             model.train(**args)
@@ -1171,6 +1252,8 @@ def _fit(run: _Run, dataset: DatasetSummary, weights: _Weights, resume: bool,
         raise
     except Exception as exc:
         raise TrainingFailed(f"Ultralytics training failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        torch.set_num_threads(threads)  # this process may run other work afterwards
     trainer = model.trainer
     raw = dict(getattr(trainer, "metrics", None) or {})
     return {name: round(float(raw[key]), 6) for key, name in FINAL_METRICS.items() if key in raw}
