@@ -159,3 +159,27 @@ def test_select_is_deterministic(scene: SyntheticScene, tmp_path: Path) -> None:
                    model_version="1", workers=1)
     assert [e.to_dict() for e in a.examples] == [e.to_dict() for e in b.examples]
     assert np.all([e.reason for e in a.examples])
+
+
+def test_cli_mine_prints_counts_by_reason(scene: SyntheticScene, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from retrain_lib.cli import app
+
+    decoys = [o for o in scene.objects if o.is_decoy]
+    items = [(o.polygon_map, o.class_name, 0.9) for o in scene.annotations[1:]]
+    items += [(decoys[0].polygon_map, "car", 0.9)]
+    preds = write_predictions(tmp_path / "pred.geojson", scene, items)
+    result = CliRunner().invoke(app, [
+        "mine", "--scene", str(scene.path), "--truth", str(scene.annotations_path),
+        "--pred", str(preds), "--classes", "car,truck", "--out", str(tmp_path / "out"),
+        "--model-version", "7"])
+    assert result.exit_code == 0, result.output
+    assert "false_positive" in result.output and "false_negative" in result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"] == {"false_positive": 1, "false_negative": 1}
+    assert manifest["model_version"] == "7"
+    both = CliRunner().invoke(app, [
+        "mine", "--scene", str(scene.path), "--truth", str(scene.annotations_path),
+        "--out", str(tmp_path / "o2"), "--classes", "car"])
+    assert both.exit_code == 2 and "exactly one of --pred" in both.output
