@@ -166,9 +166,11 @@ def test_cli_mine_prints_counts_by_reason(scene: SyntheticScene, tmp_path: Path)
 
     from retrain_lib.cli import app
 
-    decoys = [o for o in scene.objects if o.is_decoy]
-    items = [(o.polygon_map, o.class_name, 0.9) for o in scene.annotations[1:]]
-    items += [(decoys[0].polygon_map, "car", 0.9)]
+    decoy = next(o for o in scene.objects if o.is_decoy)
+    # Miss the object farthest from the decoy, so the two chips are far apart.
+    missed = max(scene.annotations, key=lambda o: o.polygon_map.distance(decoy.polygon_map))
+    items = [(o.polygon_map, o.class_name, 0.9) for o in scene.annotations if o is not missed]
+    items += [(decoy.polygon_map, "car", 0.9)]
     preds = write_predictions(tmp_path / "pred.geojson", scene, items)
     result = CliRunner().invoke(app, [
         "mine", "--scene", str(scene.path), "--truth", str(scene.annotations_path),
