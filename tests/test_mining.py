@@ -172,9 +172,11 @@ def test_cli_mine_prints_counts_by_reason(scene: SyntheticScene, tmp_path: Path)
     items = [(o.polygon_map, o.class_name, 0.9) for o in scene.annotations if o is not missed]
     items += [(decoy.polygon_map, "car", 0.9)]
     preds = write_predictions(tmp_path / "pred.geojson", scene, items)
+    config = tmp_path / "vehicle.yaml"
+    config.write_text("name: vehicle\nclasses: [car, truck]\ntiling: {tile_size: 128}\n")
     result = CliRunner().invoke(app, [
         "mine", "--scene", str(scene.path), "--truth", str(scene.annotations_path),
-        "--pred", str(preds), "--classes", "car,truck", "--out", str(tmp_path / "out"),
+        "--pred", str(preds), "--config", str(config), "--out", str(tmp_path / "out"),
         "--model-version", "7"])
     assert result.exit_code == 0, result.output
     assert "false_positive" in result.output and "false_negative" in result.output
