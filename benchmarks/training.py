@@ -4,7 +4,9 @@ Both arms train the same model YAML on the same chips with the same settings, ea
 process, one after the other:
 
 - ``yolo``: Ultralytics' own command line, ``yolo detect train ...``, with its MLflow
-  integration switched off (so it does no tracking at all).
+  integration switched off (so it does no tracking at all): the strict baseline.
+- ``yolo_mlflow``: the same with Ultralytics' default, its MLflow callback on (mlflow is
+  installed), logging into the same kind of SQLite store: like-for-like on tracking.
 - ``entrypoint``: :class:`retrain_lib.runners.LocalRunner` running ``python -m
   retrain_lib.train``: dataset check and layout, one MLflow run with per-epoch metrics,
   weights/results upload and the result JSON. Torch threads are pinned to what Ultralytics
@@ -41,9 +43,14 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out" / "training"
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
-SECTION_BEGIN = "<!-- training:begin -->"
-SECTION_END = "<!-- training:end -->"
-ARMS = ("yolo", "entrypoint", "entrypoint_default")
+
+
+def markers(section: str) -> tuple[str, str]:
+    """Begin/end comments of a section of docs/benchmarks.md."""
+    name = "training" if section == "main" else f"training-{section}"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+ARMS = ("yolo", "yolo_mlflow", "entrypoint", "entrypoint_default")
 CLASSES = ("car", "truck")
 
 
@@ -111,13 +118,18 @@ def run_arm(arm: str, args: argparse.Namespace, dataset: Path, out: Path,
     run_dir.mkdir(parents=True)
     settings = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch}
     cpu0, start = _children_cpu(), time.perf_counter()
-    if arm == "yolo":
+    if arm in ("yolo", "yolo_mlflow"):
         data = absolute_data_yaml(dataset, out)
+        arm_env = dict(env)
+        if arm == "yolo_mlflow":
+            arm_env.update(YOLO_CONFIG_DIR=str(out / "ultralytics-config-mlflow"),
+                           MLFLOW_TRACKING_URI=args.mlflow_uri,
+                           MLFLOW_EXPERIMENT_NAME="benchmark-training-yolo")
         cmd = [str(Path(sys.executable).with_name("yolo")), "detect", "train", f"data={data}",
                "model=yolo11n.yaml", "device=cpu", "workers=0", "plots=False", "seed=0",
                f"project={run_dir}", "name=run", "exist_ok=True",
                *(f"{k}={v}" for k, v in settings.items())]
-        subprocess.run(cmd, env=env, cwd=run_dir, check=True, stdout=subprocess.DEVNULL,
+        subprocess.run(cmd, env=arm_env, cwd=run_dir, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         results = run_dir / "run" / "results.csv"
     else:
@@ -151,9 +163,13 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs per arm (median kept)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--section", default="main", help="docs section: 'main' (Training) "
+                        "or a suffix, e.g. 'long' (Training: long)")
     args = parser.parse_args()
+    args.argv = _shown_arguments(sys.argv[1:])
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -172,25 +188,42 @@ def main() -> None:
 
     runs: list[dict[str, Any]] = []
     for attempt in range(args.repeats):
-        order = ARMS if attempt % 2 == 0 else tuple(reversed(ARMS))
+        order = args.arms if attempt % 2 == 0 else list(reversed(args.arms))
         for arm in order:
             runs.append(run_arm(arm, args, dataset, out, env, attempt))
             print(f"{arm:>20} #{attempt}: {runs[-1]['wall_s']:.1f} s, "
                   f"{runs[-1]['images_per_s']:.2f} img/s", file=sys.stderr)
-    rows = summarise(runs)
+    rows = summarise(runs, args.arms)
     text = render(rows, args)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, args.section)
 
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _shown_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments worth printing (no machine paths)."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            shown.append(arg)
+    return shown
+
+
+def summarise(runs: list[dict[str, Any]], arms: list[str]) -> list[dict[str, Any]]:
+    """Median wall and CPU time per arm; throughputs derived from the medians."""
     rows = []
-    for arm in ARMS:
+    for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
-        rows.append({"arm": arm, **{k: statistics.median(r[k] for r in mine)
-                                    for k in ("wall_s", "cpu_s", "images_per_s",
-                                              "loop_images_per_s")}})
+        wall = statistics.median(r["wall_s"] for r in mine)
+        rows.append({"arm": arm, "wall_s": wall,
+                     "cpu_s": statistics.median(r["cpu_s"] for r in mine),
+                     "images_per_s": mine[0]["images_per_s"] * mine[0]["wall_s"] / wall,
+                     "loop_images_per_s": statistics.median(r["loop_images_per_s"]
+                                                            for r in mine)})
     return rows
 
 
@@ -200,9 +233,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     import ultralytics
 
     load = os.getloadavg()[0]
+    begin, end = markers(args.section)
+    title = "Training" if args.section == "main" else f"Training: {args.section}"
     lines = [
-        SECTION_BEGIN,
-        "## Training",
+        begin,
+        f"## {title}",
         "",
         f"Data: {args.train} train + {args.val} val synthetic chips of {args.size} px (JPEG), "
         f"2 classes. YOLO11n from `yolo11n.yaml`, {args.epochs} epochs, imgsz {args.imgsz}, "
@@ -212,40 +247,48 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Python {platform.python_version()}, torch {torch.__version__}, ultralytics "
         f"{ultralytics.__version__}; load average {load:.1f} when the run ended.",
         "",
-        "| arm | images/s | vs yolo | loop images/s | time (s) | CPU (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| arm | images/s | time (s) | time vs yolo | CPU (s) | CPU vs yolo | loop images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        change = (base["wall_s"] / r["wall_s"] - 1) * 100
-        lines.append(f"| {r['arm']} | {r['images_per_s']:.2f} | {change:+.1f} % | "
-                     f"{r['loop_images_per_s']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} |")
-    overhead = next(r for r in rows if r["arm"] == "entrypoint")["wall_s"] / base["wall_s"] - 1
+        lines.append(
+            f"| {r['arm']} | {r['images_per_s']:.2f} | {r['wall_s']:.1f} | "
+            f"{(r['wall_s'] / base['wall_s'] - 1) * 100:+.1f} % | {r['cpu_s']:.1f} | "
+            f"{(r['cpu_s'] / base['cpu_s'] - 1) * 100:+.1f} % | {r['loop_images_per_s']:.2f} |")
+    entry = next(r for r in rows if r["arm"] == "entrypoint")
+    overhead = (entry["wall_s"] / base["wall_s"] - 1) * 100
+    like = next((r for r in rows if r["arm"] == "yolo_mlflow"), None)
+    versus = (f" Against `yolo_mlflow`: {(entry['wall_s'] / like['wall_s'] - 1) * 100:+.1f} % "
+              f"wall time, {entry['cpu_s'] - like['cpu_s']:+.1f} s CPU." if like else "")
     lines += [
         "",
         "- **images/s**: epochs x train images / process wall time (imports, dataset check, "
         "final validation, MLflow logging and uploads included). **loop images/s**: the same "
         "over Ultralytics' training-loop time from results.csv. **CPU**: user + system "
-        "seconds of the process (less sensitive than wall time to other load).",
+        "seconds of the process tree (less sensitive than wall time to other load).",
         "- `yolo`: `yolo detect train` with Ultralytics' MLflow integration off, so it tracks "
-        "nothing. `entrypoint`: `LocalRunner` -> `python -m retrain_lib.train` with torch "
-        "threads pinned to Ultralytics' own choice (cores - 1); `entrypoint_default`: the "
-        "entrypoint's default of one thread per core.",
-        f"- Entrypoint overhead at equal threads: {overhead * 100:+.1f} % of wall time "
-        "(target: at most +5 %).",
+        "nothing; `yolo_mlflow`: the same with Ultralytics' default MLflow callback on "
+        "(same SQLite store). `entrypoint`: `LocalRunner` -> `python -m retrain_lib.train` "
+        "with torch threads pinned to Ultralytics' own choice (cores - 1); "
+        "`entrypoint_default`: the entrypoint's default of one thread per core.",
+        f"- Entrypoint overhead at equal threads: {overhead:+.1f} % wall time, "
+        f"{entry['cpu_s'] - base['cpu_s']:+.1f} s CPU (target: at most +5 % "
+        f"wall time).{versus}",
         "",
-        "Reproduce: `python benchmarks/training.py --write-docs`",
-        SECTION_END,
+        f"Reproduce: `python benchmarks/training.py {' '.join(args.argv)}`",
+        end,
     ]
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    """Replace the Training section of docs/benchmarks.md, or append it."""
+def write_docs(section: str, name: str) -> None:
+    """Replace this section of docs/benchmarks.md, or append it."""
+    begin, end = markers(name)
     text = DOCS.read_text() if DOCS.exists() else (
         "# Benchmarks\n\nMeasured comparisons; each section says how to reproduce it.\n")
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, _, rest = text.partition(SECTION_BEGIN)
-        _, _, tail = rest.partition(SECTION_END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

@@ -1278,12 +1278,7 @@ def _publish(run: _Run, client: Any, run_id: str, out: Storage, metrics: dict[st
         uploads.append((plot, f"plots/{plot.name}"))
     for path, key in uploads:
         out.put_file(path, key)
-    artifact_dirs: dict[str, list[Path]] = {}
-    for path, key in uploads:
-        artifact_dirs.setdefault(posixpath.dirname(key), []).append(path)
-    for folder, paths in artifact_dirs.items():
-        for path in paths:
-            client.log_artifact(run_id, str(path), artifact_path=folder or None)
+        client.log_artifact(run_id, str(path), artifact_path=posixpath.dirname(key) or None)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
