@@ -416,7 +416,8 @@ class DetectOptions:
         merge: Cross-tile merge: ``"nms"``, ``"nmm"`` or ``"none"``.
         merge_threshold: IoU (nms) or IoS (nmm) above which boxes are merged.
         drop_cut_off: Drop boxes cut by an inner tile edge (see the module docstring).
-        readers: Reader threads.
+        readers: Reader threads; 0 reads in the calling thread (no overlap with compute,
+            but no thread competing for the GIL or a core).
         prefetch_batches: Batches read ahead of the model.
     """
 
@@ -440,8 +441,8 @@ class DetectOptions:
             raise ConfigError(f"batch: got {self.batch}; expected 1..1024 tiles")
         if self.merge not in ("nms", "nmm", "none"):
             raise ConfigError(f"merge: got {self.merge!r}; expected 'nms', 'nmm' or 'none'")
-        if not 1 <= self.readers <= 32 or not 1 <= self.prefetch_batches <= 64:
-            raise ConfigError("readers must be 1..32 and prefetch_batches 1..64")
+        if not 0 <= self.readers <= 32 or not 1 <= self.prefetch_batches <= 64:
+            raise ConfigError("readers must be 0..32 and prefetch_batches 1..64")
 
 
 @dataclass(frozen=True)
@@ -609,6 +610,24 @@ class _RunReader:
             self.opened.clear()
 
 
+class _InlineExecutor:
+    """``readers=0``: read each run in the caller's thread when it is submitted."""
+
+    def __enter__(self) -> _InlineExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # re-raised by future.result() in order, like a pool
+            future.set_exception(exc)
+        return future
+
+
 def _batches(reader: _RunReader, runs: list[list[int]], batch: int, readers: int,
              prefetch_batches: int) -> Iterator[_TileBatch]:
     """Yield batches in grid order while reader threads keep up to ``prefetch_batches``
@@ -616,7 +635,9 @@ def _batches(reader: _RunReader, runs: list[list[int]], batch: int, readers: int
     in_flight = max(readers, prefetch_batches * batch // MAX_RUN_TILES)
     pending: queue.SimpleQueue[Future[list[tuple[Any, np.ndarray | None]]]] = (
         queue.SimpleQueue())
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader") as pool:
+    executor = (ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader")
+                if readers else _InlineExecutor())
+    with executor as pool:
         run_iter = iter(runs)
         n_pending = 0
         for run in run_iter:

@@ -15,9 +15,21 @@ RULE = PromotionConfig(primary_metric="map50_95", min_improvement=0.01,
                        absolute_floor=0.2)
 
 
+@pytest.fixture(scope="module")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated MLflow SQLite database; copying it skips the migrations in every test."""
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    ModelRegistry("autoretrain-test", f"sqlite:///{path}").client.search_experiments()
+    return path
+
+
 @pytest.fixture()
-def registry(tmp_path: Path) -> ModelRegistry:
-    return ModelRegistry("autoretrain-test", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def registry(tmp_path: Path, empty_mlflow_db: Path) -> ModelRegistry:
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_mlflow_db, db)
+    return ModelRegistry("autoretrain-test", f"sqlite:///{db}")
 
 
 def training_run(registry: ModelRegistry, tmp_path: Path, name: str) -> str:
