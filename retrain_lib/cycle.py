@@ -35,11 +35,14 @@ __all__ = [
     "evaluate_models",
     "ingest",
     "mine",
+    "predictions_index_key",
+    "predictions_key",
     "register_and_promote",
     "run_cycle",
     "scenes_to_tile",
     "tile_one",
     "train_candidate",
+    "untrained_scenes",
     "write_report",
 ]
 
@@ -170,6 +173,13 @@ def scenes_to_tile(cfg: ObjectTypeConfig, settings: CycleSettings) -> list[str]:
     return [m["scene_id"] for m in list_catalog_scenes(settings.storage(), cfg.name)]
 
 
+def untrained_scenes(cfg: ObjectTypeConfig, settings: CycleSettings) -> list[str]:
+    """Cataloged scenes no finished cycle has trained on yet: what this cycle mines."""
+    storage = settings.storage()
+    trained = set(_state(storage, cfg.name).get("trained_scenes", []))
+    return [s for s in scenes_to_tile(cfg, settings) if s not in trained]
+
+
 def tile_one(cfg: ObjectTypeConfig, settings: CycleSettings, scene_id: str) -> dict[str, Any]:
     """Tile one cataloged scene into ``chips/<type>/<params_hash>/<scene_id>``."""
     from retrain_lib.ingest import catalog_prefix
@@ -218,6 +228,16 @@ def _scene_files(storage: Storage, cfg: ObjectTypeConfig, scene_id: str, scratch
 def predictions_key(object_type: str, model_version: str, scene_id: str) -> str:
     """Where the detect DAG stores a model version's detections of a scene."""
     return join_key("predictions", object_type, str(model_version), f"{scene_id}.geojson")
+
+
+def predictions_index_key(object_type: str, model_version: str, scene_sha256: str) -> str:
+    """Index entry naming the stored predictions of a scene file, by the file's SHA-256.
+
+    The detect DAG writes it; mining uses it to find predictions of a scene that analysts
+    annotated and dropped under another name.
+    """
+    return join_key("predictions", object_type, str(model_version), "by-sha256",
+                    f"{scene_sha256}.json")
 
 
 def _detect_to_storage(storage: Storage, cfg: ObjectTypeConfig, detector: Any,
@@ -279,6 +299,10 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
     for scene_id in targets:
         scene_path, truth = _scene_files(storage, cfg, scene_id, scratch)
         key = predictions_key(cfg.name, champion.version, scene_id)
+        alias = predictions_index_key(cfg.name, champion.version,
+                                      manifests[scene_id].get("scene_sha256", "unknown"))
+        if not storage.exists(key) and storage.exists(alias):
+            key = storage.get_json(alias)["predictions"]  # detected before it was annotated
         if storage.exists(key):
             pred = storage.get_file(key, scratch / "pred" / f"{scene_id}.geojson")
             log.info("mining %s with stored predictions of v%s", scene_id, champion.version)
@@ -585,10 +609,8 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
     if not check["retrain"]:
         return {**write_report(cfg, settings, cycle_id, stages), **stages}
     done("ingest", ingest(cfg, settings, cycle_id))
-    state = _state(settings.storage(), cfg.name)
     done("tiles", [tile_one(cfg, settings, s) for s in scenes_to_tile(cfg, settings)])
-    trained_before = set(state.get("trained_scenes", []))
-    new_scenes = [s for s in scenes_to_tile(cfg, settings) if s not in trained_before]
+    new_scenes = untrained_scenes(cfg, settings)
     done("mine", mine(cfg, settings, cycle_id, new_scenes))
     dataset = done("dataset", assemble(cfg, settings, cycle_id))
     names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]

@@ -242,7 +242,8 @@ def resolve_model(source: str | os.PathLike[str], *, tracking_uri: str | None = 
 
     A ``models:/`` URI is resolved with the MLflow client (``tracking_uri``, default
     ``MLFLOW_TRACKING_URI`` or the project's default database); the version's
-    ``weights/best.pt`` is downloaded once into ``cache_dir/<name>/<version>/``.
+    ``weights/best.pt`` is downloaded once into
+    ``cache_dir/<name>/<version>-<hash of the version's source>/``.
 
     Raises:
         ConfigError: a malformed URI, or a file that is not a weights file.
@@ -280,7 +281,10 @@ def resolve_model(source: str | os.PathLike[str], *, tracking_uri: str | None = 
                          f"({exc.message if hasattr(exc, 'message') else exc})") from None
     root = Path(cache_dir) if cache_dir is not None else (
         Path(tempfile.gettempdir()) / "autoretrain-models")
-    target = root / _safe_name(name) / str(mv.version)
+    # Version numbers restart in every tracking server (each test, each demo): key the cache
+    # by the version's source too, or another server's v1 would be served as this one's.
+    source_tag = hashlib.sha256(str(mv.source).encode()).hexdigest()[:12]
+    target = root / _safe_name(name) / f"{mv.version}-{source_tag}"
     weights = target / WEIGHTS_IN_MODEL
     if not weights.is_file():
         import mlflow.artifacts
@@ -709,6 +713,7 @@ def detect_scene(scene_path: str | os.PathLike[str], detector: Detector,
     reader = _RunReader(scene.path, stretch, windows, pad_hw)
 
     parts: list[np.ndarray] = []
+    memory = _MemoryGuard()
     done = skipped = n_cut = n_raw = 0
     model_s = wait_s = 0.0
     if on_progress is not None:
@@ -745,7 +750,7 @@ def detect_scene(scene_path: str | os.PathLike[str], detector: Detector,
                 parts.append(det)
             done += tile_batch.consumed
             skipped += tile_batch.skipped
-            _release_freed_memory()
+            memory.check()
             if on_progress is not None:
                 on_progress(done, len(windows))
             t_wait = time.perf_counter()
@@ -768,17 +773,34 @@ def detect_scene(scene_path: str | os.PathLike[str], detector: Detector,
                            stats=stats)
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+class _MemoryGuard:
+    """Keeps RSS flat in the number of tiles.
 
     Tiles are allocated by reader threads and freed by the model's thread; with several
     threads, glibc's per-thread heaps keep freed pages, and RSS creeps up with the number of
-    tiles. Trimming after each batch keeps memory flat in the scene size (measured: 5120 px
-    scene, 2 torch threads: +370 MiB without, +100 MiB with).
+    tiles (measured: 5120 px scene, 2 torch threads: +370 MiB). When RSS has grown by more
+    than ``slack_mib`` since the first batch, freed pages are handed back to the OS
+    (``malloc_trim``, glibc only). Not after every batch: the next forward pass would fault
+    its activation pages in again, which costs more than it saves.
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+
+    def __init__(self, slack_mib: int = 64) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.slack = slack_mib * 2**20
+        self.reference: int | None = None
+        self.trims = 0
+
+    def check(self) -> None:
+        rss = self.process.memory_info().rss
+        if self.reference is None:
+            self.reference = rss
+        elif rss > self.reference + self.slack:
+            trim = _malloc_trim()
+            if trim is not None:
+                trim(0)
+                self.trims += 1
 
 
 @functools.cache

@@ -49,10 +49,13 @@ from retrain_lib.storage import Storage, open_storage
 __all__ = [
     "ENV_SCRATCH",
     "WEIGHTS_ARTIFACT",
+    "DatasetSummary",
     "TrainRequest",
     "TrainResult",
+    "check_device",
     "main",
     "parse_result_line",
+    "prepare_dataset",
     "train_model",
 ]
 

@@ -193,6 +193,16 @@ def test_merge_modes_on_seam_fragments(tmp_path: Path) -> None:
     assert len(raw.boxes) == raw.stats.boxes_raw > len(nms.boxes)
 
 
+@pytest.mark.parametrize("readers", [0, 3])
+def test_reader_threads_do_not_change_the_result(tmp_path: Path, readers: int) -> None:
+    objects = seam_objects()
+    scene = write_blob_scene(tmp_path / "blobs.tif", 200, 150, objects)
+    options = DetectOptions(tiling=BLOB_TILING, batch=3, readers=readers, prefetch_batches=1)
+    result = detect_scene(scene, BlobDetector(), options)
+    assert sorted_boxes(result.boxes) == sorted_boxes(np.array([o[:4] for o in objects]))
+    assert result.stats.tiles_total == 12 and result.stats.tiles_skipped_nodata == 0
+
+
 def test_object_larger_than_the_overlap_becomes_one_box_with_nmm(tmp_path: Path) -> None:
     # 30 px wide across the seam at x = 48..64: no tile sees it whole, and it is too big for
     # the cut-off rule, so its two fragments reach the merge. NMM joins them.

@@ -1,0 +1,257 @@
+"""Retraining DAGs: one ``retrain_<type>`` per ``configs/object_types/<type>.yaml``.
+
+Each task is a few lines that call :mod:`retrain_lib.cycle`, where every stage is a plain,
+idempotent function; this file only wires them. Module-level imports are ``airflow.sdk``, the
+standard library and retrain_lib's light modules (config models, the Airflow adapter): no torch,
+ultralytics, mlflow or rasterio, so parsing stays fast. The config folder is
+$AUTORETRAIN_CONFIGS, else ``configs/object_types`` beside this folder.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk import DAG, Param, dag, get_current_context, get_parsing_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from retrain_lib.airflow_adapter import (
+    champion_asset,
+    current_cycle_id,
+    cycle_settings,
+    load_dag_configs,
+    mlflow_task,
+    publish_mlflow_link,
+    retrain_errors,
+    retry_args,
+)
+from retrain_lib.config import ObjectTypeConfig
+
+START = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def _doc(cfg: ObjectTypeConfig) -> str:
+    policy = cfg.trigger
+    days = (f"or after {policy.max_days_without_training} days without training"
+            if policy.max_days_without_training else "(never forced by time)")
+    candidates = ", ".join(f"`{c.name}`" for c in cfg.training.candidates)
+    return f"""\
+# Retrain `{cfg.name}` ({", ".join(cfg.classes)})
+
+{cfg.description}
+
+Runs **{cfg.schedule or "only when triggered"}** (UTC). Each run is one retraining cycle:
+
+1. **check_new_data**: retrains when at least {policy.min_new_annotations} new annotated objects
+   arrived since the last training {days}. Otherwise the run stops here: every task is
+   *skipped* (not failed), and the log line and `cycles/{cfg.name}/<run>/report.md` say why.
+2. **ingest**: validates each drop in `incoming/{cfg.name}/`. Good drops go to the catalog, bad
+   ones to `quarantine/{cfg.name}/<drop>/` with a `reason.json` naming every problem.
+3. **tile** (one task per scene) → **mine** the champion's mistakes on the new scenes →
+   **assemble** a content-hashed dataset version with a frozen test set of whole scenes.
+4. **train** one task per candidate ({candidates}) with the `{cfg.runner.kind}` runner,
+   warm-started from the champion. The *MLflow* button of a train task opens its run.
+5. **evaluate** every candidate *and* the champion on the same frozen test scenes.
+6. **register_and_promote**: every candidate becomes a version of MLflow model
+   `{cfg.registered_model_name}`; the `champion` alias moves only when the gate passes
+   ({cfg.promotion.primary_metric} +{cfg.promotion.min_improvement}, guards hold). Its *MLflow*
+   button opens the model version.
+7. **report** writes `cycles/{cfg.name}/<run>/report.json` and `report.md`;
+   **publish_champion** updates Asset `autoretrain://{cfg.name}/champion` when a new champion
+   was promoted, which re-runs `detect_{cfg.name}`.
+
+**Operating it.** Toggle the DAG on to let it run on schedule. *Trigger with config* to force a
+cycle (`force`), shorten training (`epochs`) or train only some candidates (`candidates`).
+Re-running or clearing a run is safe: every stage finds and reuses its earlier work.
+A failed task whose log says `ConfigError` or `InputError` needs a fix first (config, data);
+storage and training failures retry by themselves with backoff.
+Roll back a bad champion with `autoretrain rollback {cfg.name} --to <version> --reason ...`.
+"""
+
+
+def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
+    """The retraining DAG of one object type."""
+    champion = champion_asset(cfg.name)
+    names = [c.name for c in cfg.training.candidates]
+
+    @dag(
+        dag_id=f"retrain_{cfg.name}",
+        description=f"Retrain the {cfg.name} detector when new annotations arrive",
+        schedule=cfg.schedule,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=True,
+        tags=["autoretrain", "retrain", cfg.name, *cfg.tags],
+        doc_md=_doc(cfg),
+        default_args={"owner": cfg.owner, **retry_args()},
+        params={
+            "force": Param(False, type="boolean",
+                           description="Retrain even if the trigger policy says no."),
+            "epochs": Param(None, type=["null", "integer"], minimum=1,
+                            description="Epochs per candidate for this run (empty: config)."),
+            "candidates": Param([], type="array", items={"type": "string", "enum": names},
+                                description="Candidates to train (empty: all)."),
+        },
+    )
+    def retrain() -> None:
+        @task(multiple_outputs=False)
+        def check_new_data() -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            context = get_current_context()
+            started = datetime.now(UTC).isoformat(timespec="seconds")
+            with retrain_errors():
+                settings = cycle_settings()
+                check = cycle.check_new_data(cfg, settings, force=context["params"]["force"])
+                if not check["retrain"]:
+                    cycle.write_report(cfg, settings, current_cycle_id(context),
+                                       {"started_at": started, "check": check})
+            if not check["retrain"]:
+                raise AirflowSkipException(f"no retraining this time: {check['reason']}")
+            return {**check, "started_at": started}
+
+        @task(multiple_outputs=False)
+        def ingest() -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            with retrain_errors():
+                return cycle.ingest(cfg, cycle_settings(), current_cycle_id())
+
+        @task
+        def list_scenes() -> list[str]:
+            from retrain_lib import cycle
+            from retrain_lib.errors import RetrainError
+
+            with retrain_errors():
+                scenes = cycle.scenes_to_tile(cfg, cycle_settings())
+                if not scenes:
+                    raise RetrainError(f"{cfg.name}: the catalog is empty: every drop was "
+                                       f"quarantined (see quarantine/{cfg.name}/)")
+            return scenes
+
+        @task(multiple_outputs=False, map_index_template="{{ scene_id }}")
+        def tile(scene_id: str) -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
+            context["scene_id"] = scene_id  # the mapped task's label in the UI
+            with retrain_errors():
+                return cycle.tile_one(cfg, cycle_settings(), scene_id)
+
+        @task(multiple_outputs=False)
+        def mine() -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            with retrain_errors():
+                settings = cycle_settings()
+                return cycle.mine(cfg, settings, current_cycle_id(),
+                                  cycle.untrained_scenes(cfg, settings))
+
+        @task(multiple_outputs=False)
+        def assemble() -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            with retrain_errors():
+                return cycle.assemble(cfg, cycle_settings(), current_cycle_id())
+
+        @task
+        def select_candidates() -> list[str]:
+            chosen = list(get_current_context()["params"]["candidates"] or names)
+            unknown = sorted(set(chosen) - set(names))
+            if unknown:
+                from airflow.sdk.exceptions import AirflowFailException
+
+                raise AirflowFailException(f"params.candidates: unknown {unknown}; configured: "
+                                           f"{names}")
+            return chosen
+
+        @mlflow_task(map_index_template="{{ candidate }}", **retry_args(delay_s=300))
+        def train(candidate: str, dataset: dict[str, Any]) -> dict[str, Any]:
+            from retrain_lib import cycle
+            from retrain_lib.airflow_adapter import mlflow_run_page
+
+            context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
+            context["candidate"] = candidate  # the mapped task's label in the UI
+            with retrain_errors():
+                settings = cycle_settings()
+                result = cycle.train_candidate(cfg, settings, current_cycle_id(context),
+                                               dataset, candidate,
+                                               epochs=context["params"]["epochs"],
+                                               context=context)
+                publish_mlflow_link(mlflow_run_page(settings.tracking_uri,
+                                                    result["mlflow_run_id"]), context)
+            return result
+
+        @task(multiple_outputs=False)
+        def evaluate(dataset: dict[str, Any], trained: list[dict[str, Any]]) -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            with retrain_errors():
+                return cycle.evaluate_models(cfg, cycle_settings(), dataset, list(trained))
+
+        @mlflow_task
+        def register_and_promote(dataset: dict[str, Any], trained: list[dict[str, Any]],
+                                 evaluation: dict[str, Any]) -> dict[str, Any]:
+            from retrain_lib import cycle
+            from retrain_lib.airflow_adapter import mlflow_model_page
+
+            with retrain_errors():
+                settings = cycle_settings()
+                result = cycle.register_and_promote(cfg, settings, current_cycle_id(), dataset,
+                                                    list(trained), evaluation)
+                publish_mlflow_link(mlflow_model_page(
+                    settings.tracking_uri, cfg.registered_model_name,
+                    result.get("promoted_version") or result.get("champion_version")))
+            return result
+
+        @task(multiple_outputs=False)
+        def report(check: dict[str, Any], ingested: dict[str, Any],
+                   tiles: list[dict[str, Any]], mined: dict[str, Any],
+                   dataset: dict[str, Any], trained: list[dict[str, Any]],
+                   evaluation: dict[str, Any], promotion: dict[str, Any]) -> dict[str, Any]:
+            from retrain_lib import cycle
+
+            stages = {"started_at": check.pop("started_at"), "check": check,
+                      "ingest": ingested, "tiles": list(tiles), "mine": mined,
+                      "dataset": dataset, "trained": list(trained), "evaluation": evaluation,
+                      "promotion": promotion}
+            with retrain_errors():
+                return cycle.write_report(cfg, cycle_settings(), current_cycle_id(), stages)
+
+        @task(multiple_outputs=False, outlets=[champion])
+        def publish_champion(written: dict[str, Any]) -> dict[str, Any]:
+            version = written.get("promoted_version")
+            if not version:
+                raise AirflowSkipException("no new champion this cycle: nothing to announce")
+            event = {"model": cfg.registered_model_name, "version": str(version),
+                     "model_uri": f"models:/{cfg.registered_model_name}/{version}",
+                     "report": written["report"]}
+            get_current_context()["outlet_events"][champion].extra = event
+            return event
+
+        checked = check_new_data()
+        ingested = ingest()
+        scenes = list_scenes()
+        tiles = tile.expand(scene_id=scenes)
+        mined = mine()
+        dataset = assemble()
+        chosen = select_candidates()
+        trained = train.partial(dataset=dataset).expand(candidate=chosen)
+        evaluation = evaluate(dataset, trained)
+        promotion = register_and_promote(dataset, trained, evaluation)
+        written = report(checked, ingested, tiles, mined, dataset, trained, evaluation,
+                         promotion)
+        checked >> [ingested, chosen]
+        ingested >> scenes
+        tiles >> mined >> dataset
+        publish_champion(written)
+
+    return retrain()
+
+
+# Workers parse this file to run one task: build only that task's DAG.
+_wanted = get_parsing_context().dag_id
+for _name, _cfg in load_dag_configs(__file__).items():
+    if _wanted is None or _wanted == f"retrain_{_name}":
+        globals()[f"retrain_{_name}"] = build_retrain_dag(_cfg)
