@@ -17,24 +17,14 @@ import os
 
 from airflow.plugins_manager import AirflowPlugin
 
-from retrain_lib.airflow_adapter import MlflowLink, MlflowLinkedOperator, mlflow_ui_url
-
-
-class _OperatorMlflowLink(MlflowLink):
-    """The MLflow link, bound to the operator class of the train and register tasks."""
-
-    operators = [MlflowLinkedOperator]  # noqa: RUF012  (a ClassVar in BaseOperatorLink)
-
-    @property
-    def xcom_key(self) -> str:
-        return MlflowLink().xcom_key  # the key the workers write
+from retrain_lib.airflow_adapter import MlflowLink, mlflow_ui_url
 
 
 class AutoRetrainPlugin(AirflowPlugin):
     """Registers the MLflow extra link and an MLflow navigation entry."""
 
     name = "autoretrain"
-    operator_extra_links = [_OperatorMlflowLink()]  # noqa: RUF012
+    operator_extra_links = [MlflowLink()]  # noqa: RUF012  (plugin attributes are lists)
     external_views = [  # noqa: RUF012
         {"name": "MLflow", "href": mlflow_ui_url(os.environ.get("MLFLOW_TRACKING_URI"),
                                                  use_variables=False),

@@ -271,6 +271,10 @@ class MlflowLinkedOperator(DecoratedOperator, PythonOperator):
                          **kwargs)
 
 
+# Tells the API server (through the plugin) which operator carries the link.
+MlflowLink.operators = [MlflowLinkedOperator]
+
+
 def mlflow_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
     """Like ``@task``, plus an "MLflow" button that opens the page the task published.
 

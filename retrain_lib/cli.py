@@ -688,37 +688,74 @@ def demo_command(
         ".autoretrain/demo"),
     configs: ConfigDirOption = Path("configs/object_types"),
     object_type: Annotated[str, typer.Option("--type", help="Object type to demo.")] = "vehicle",
-    scenes: Annotated[int, typer.Option(min=1, max=50, help="Scenes in the region-A drop.")] = 2,
-    size: Annotated[int, typer.Option(min=256, max=20000, help="Scene edge in pixels.")] = 1024,
+    scenes: Annotated[int, typer.Option(min=2, max=50, help="Scenes per region drop.")] = 6,
+    size: Annotated[int, typer.Option(min=256, max=20000, help="Scene edge in pixels.")] = 768,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    objects_per_class: Annotated[int, typer.Option(
+        min=1, help="Objects of each class per scene.")] = 16,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of cycle 1 (from scratch).")] = 40,
+    finetune_epochs: Annotated[int, typer.Option(
+        min=1, help="Epochs of cycle 2 (warm start from the champion).")] = 20,
+    database_url: Annotated[str | None, typer.Option(
+        help="Airflow metadata database (default: SQLite under --root).")] = None,
 ) -> None:
-    """Run the demo on embedded defaults (local storage, SQLite, local runner, CPU)."""
-    from retrain_lib.demo import run_demo
+    """Two retraining cycles through Airflow on embedded defaults (SQLite, local runner, CPU)."""
+    from retrain_lib.demo import DemoSize, decision_lines, model_rows, run_demo, summary_rows
 
-    result = run_demo(root, configs_dir=configs, object_type=object_type, scenes=scenes,
-                      size=size, seed=seed, log=lambda m: console.print(f"[cyan]>[/] {m}"))
-    made = Table("drop", "scene", "size", "region", "objects per class", "decoys",
-                 title="synthetic drops")
-    for d in result.drops:
-        per_class = ", ".join(f"{c}: {d[c]}" for c in result.configs[result.object_type].classes)
-        made.add_row(d["drop"], d["scene"], d["size"], d["region"], per_class, str(d["decoys"]))
-    console.print(made)
-    assert result.ingest is not None
-    outcome = Table("drop", "status", "scenes / problems", title="ingest")
-    for o in result.ingest.outcomes:
-        detail = (", ".join(o.scene_ids) if o.status == "cataloged"
-                  else "; ".join(f"{p.file}: {p.problem}" for p in o.problems))
-        outcome.add_row(o.drop_id, o.status, detail)
-    console.print(outcome)
-    store = result.storage_root
+    result = run_demo(root, configs_dir=configs, object_type=object_type,
+                      size=DemoSize(scenes=scenes, size=size, objects_per_class=objects_per_class,
+                                    decoys=max(1, objects_per_class // 2), epochs=epochs,
+                                    finetune_epochs=finetune_epochs, seed=seed),
+                      database_url=database_url, log=lambda m: console.print(f"[cyan]>[/] {m}"))
+    regions = sorted({r for c in result.cycles for _, m in model_rows(c.report)
+                      for r in m.get("regions", {})})
+    for cycle in result.cycles:
+        report = cycle.report
+        console.print()
+        facts = Table("", "", title=f"{cycle.name}: run {cycle.run.run_id} ({report['status']}, "
+                      f"{cycle.run.seconds:.0f} s)", title_justify="left", show_header=False)
+        for label, value in summary_rows(report):
+            facts.add_row(label, value)
+        console.print(facts)
+        models = Table("model", "mAP50", "mAP50-95", *(f"mAP50 {r}" for r in regions),
+                       title="frozen test scenes (scene-level COCO)", title_justify="left")
+        for label, metrics in model_rows(report):
+            per_region = metrics.get("regions", {})
+            models.add_row(label, _fmt(metrics.get("map50")), _fmt(metrics.get("map50_95")),
+                           *(_fmt(per_region.get(r, {}).get("map50")) for r in regions))
+        console.print(models)
+        for i, line in enumerate(decision_lines(report)):
+            console.print(("[bold]decision:[/] " if i == 0 else "  ") + line, highlight=False)
+    stack = result.stack
     console.print(
-        f"\n[bold]Where to look[/]\n"
-        f"  catalog     {store / 'catalog' / result.object_type / 'scenes'}\n"
-        f"  quarantine  {store / 'quarantine' / result.object_type} (reason.json per drop)\n"
-        f"  report      {store / 'cycles' / result.object_type / 'demo' / 'ingest.json'}\n"
-        f"  tile a scene: autoretrain tile <scene.tif> --labels <annotations.geojson> "
-        f"--classes {','.join(result.configs[result.object_type].classes)} "
-        f"--out {result.root / 'chips'}")
+        f"\n[bold]Done in {result.seconds / 60:.1f} min. Where to look[/]\n"
+        f"  both UIs      autoretrain up --root {result.root}   (Airflow :8080, MLflow :5000)\n"
+        f"  MLflow only   mlflow ui --backend-store-uri {stack.tracking_uri}\n"
+        f"  models        autoretrain models {result.object_type} --configs "
+        f"{result.config_path.parent} --mlflow-uri {stack.tracking_uri}\n"
+        f"  reports       {stack.storage_root / 'cycles' / result.object_type}/<run>/report.md\n"
+        f"  quarantine    {stack.storage_root / 'quarantine' / result.object_type} "
+        "(reason.json per drop)\n"
+        f"  run logs      {result.root / 'logs'}", highlight=False)
+
+
+# --- up: Airflow standalone + MLflow UI on the demo's storage ---
+@app.command("up")
+@handle_errors
+def up_command(
+    root: Annotated[Path, typer.Option(help="The demo's folder (storage, MLflow, Airflow home).")
+                    ] = Path(".autoretrain/demo"),
+    configs: Annotated[Path | None, typer.Option(
+        "--configs", help="Object-type configs the DAGs are made from (default: the demo's, "
+        "else configs/object_types).")] = None,
+    airflow_port: Annotated[int, typer.Option(help="Airflow UI/API port.")] = 8080,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port.")] = 5000,
+) -> None:
+    """Start Airflow (standalone) and the MLflow UI locally, on the demo's storage; Ctrl-C stops."""
+    from retrain_lib.demo import run_up
+
+    run_up(root, configs=configs, airflow_port=airflow_port, mlflow_port=mlflow_port,
+           log=lambda m: console.print(f"[cyan]>[/] {m}", highlight=False))
 
 
 def main() -> None:

@@ -416,14 +416,29 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
 
 def _score(detector: Any, cfg: ObjectTypeConfig, tests: Sequence[tuple[str, Path, Path, str]]
            ) -> dict[str, Any]:
-    from retrain_lib.evaluate import evaluate_scenes
+    import numpy as np
+
+    from retrain_lib.evaluate import SceneEvalInput, evaluate_scenes, read_scene_boxes
     from retrain_lib.inference import DetectOptions, detect_scene
 
     options = DetectOptions(tiling=cfg.tiling, conf=EVAL_CONF)
     inputs = []
-    for scene_id, scene_path, truth, region in tests:
+    for scene_id, scene_path, truth_path, region in tests:
         detections = detect_scene(scene_path, detector, options, scene_id=scene_id)
-        inputs.append((region, detections.to_eval_input(truth)))
+        # Score every model in the object type's class order, whatever its own order (a
+        # champion from before a class was added knows fewer classes).
+        to_cfg = np.array([cfg.classes.index(n) if n in cfg.classes else -1
+                           for n in detections.class_names], dtype=np.int64)
+        pred_classes = to_cfg[detections.classes] if len(detections.classes) else \
+            np.zeros(0, np.int64)
+        known = pred_classes >= 0
+        truth = read_scene_boxes(truth_path, crs=detections.scene.crs,
+                                 transform=detections.scene.transform)
+        truth_classes = [cfg.normalise_class(n) for n in truth.class_names]
+        inputs.append((region, SceneEvalInput(
+            scene_id, detections.boxes[known], pred_classes[known], detections.scores[known],
+            truth.boxes, np.array([cfg.class_index(n) for n in truth_classes if n],
+                                  dtype=np.int64))))
     overall = evaluate_scenes([i for _, i in inputs], cfg.classes,
                               iou_threshold=cfg.mining.iou_threshold,
                               conf_threshold=cfg.mining.conf_threshold).to_dict()

@@ -70,7 +70,7 @@ MergeMethod = Literal["nms", "nmm", "none"]
 EDGE_MARGIN_PX = 3
 # Windows read in one go: neighbouring tiles of a row share their overlap.
 MAX_RUN_TILES = 4
-GDAL_CACHE_MB = 64
+GDAL_CACHE_BYTES = 64 * 2**20  # rasterio takes an integer GDAL_CACHEMAX in bytes
 
 
 # ----------------------------------------------------------------------------- merge
@@ -704,7 +704,7 @@ def detect_scene(scene_path: str | os.PathLike[str], detector: Detector,
     scene = inspect_scene(scene_path, scene_id)
     tile_px, overlap_px = resolve_tile_px(options.tiling, scene)
     windows = tile_grid(scene.width, scene.height, tile_px, overlap_px)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(scene.path) as dataset:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(scene.path) as dataset:
         stretch = scene_stretch(dataset, options.tiling.bands,
                                 options.tiling.stretch_percentiles)
     stride = detector.stride
@@ -720,7 +720,7 @@ def detect_scene(scene_path: str | os.PathLike[str], detector: Detector,
         on_progress(0, len(windows))
     # GDAL's block cache is process-wide and defaults to 5 % of RAM; a small one keeps memory
     # flat in the scene size (each block is read about once anyway).
-    gdal_env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    gdal_env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
     gdal_env.__enter__()
     try:
         t_wait = time.perf_counter()

@@ -81,7 +81,7 @@ _SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MIN_SIZE = 64
 _MAX_SIZE = 200_000
 _BLOCK = 512
-_GDAL_CACHE_MB = 16
+_GDAL_CACHE_BYTES = 16 * 2**20  # rasterio takes an integer GDAL_CACHEMAX in bytes
 # Shadow offset (columns, rows) in pixels and how much it darkens: the sun is to the upper left.
 _SUN = (2.0, 1.5)
 _SHADOW_DARKEN = 0.5
@@ -687,7 +687,7 @@ def write_scene(path: str | Path, spec: SceneSpec, *, progress: bool = False,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A small block cache: each block is written once, so caching only costs memory.
-        with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB), \
+        with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES), \
                 rasterio.open(temporary, "w", **profile) as dst, \
                 _progress_bar(progress, f"writing {spec.scene_id}", n_rows * n_cols) as advance:
             dst.descriptions = ("red", "green", "blue", "nir")[: spec.bands]
