@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from docs_section import write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out" / "inference"
@@ -427,15 +428,7 @@ Reproduce: `{command}`
 
 
 def write_docs(section: str) -> None:
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else (
-        "# Benchmarks\n\nMeasured comparisons; each section says how to reproduce it.\n")
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text, encoding="utf-8")
+    write_section(section, "inference")
 
 
 def parent_main(args: argparse.Namespace) -> None:

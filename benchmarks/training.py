@@ -40,16 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from docs_section import markers, write_section
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out" / "training"
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
-
-
-def markers(section: str) -> tuple[str, str]:
-    """Begin/end comments of a section of docs/benchmarks.md."""
-    name = "training" if section == "main" else f"training-{section}"
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-
 ARMS = ("yolo", "yolo_mlflow", "entrypoint", "entrypoint_default")
 CLASSES = ("car", "truck")
 
@@ -233,7 +228,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     import ultralytics
 
     load = os.getloadavg()[0]
-    begin, end = markers(args.section)
+    begin, end = markers(section_name(args.section))
     title = "Training" if args.section == "main" else f"Training: {args.section}"
     lines = [
         begin,
@@ -281,18 +276,14 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def section_name(section: str) -> str:
+    """Name of the docs/benchmarks.md section a run writes."""
+    return "training" if section == "main" else f"training-{section}"
+
+
 def write_docs(section: str, name: str) -> None:
     """Replace this section of docs/benchmarks.md, or append it."""
-    begin, end = markers(name)
-    text = DOCS.read_text() if DOCS.exists() else (
-        "# Benchmarks\n\nMeasured comparisons; each section says how to reproduce it.\n")
-    if begin in text and end in text:
-        head, _, rest = text.partition(begin)
-        _, _, tail = rest.partition(end)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    write_section(section, section_name(name))
 
 
 if __name__ == "__main__":
