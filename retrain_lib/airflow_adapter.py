@@ -158,14 +158,15 @@ def cycle_settings() -> CycleSettings:
 
 
 def current_cycle_id(context: Mapping[str, Any] | None = None) -> str:
-    """The cycle id of the running DAG run: its run id, made storage- and MLflow-safe.
+    """The cycle id of the running DAG run (see :func:`retrain_lib.cycle.run_cycle_id`).
 
-    A retry or a cleared task keeps its run id, so every stage finds its earlier work.
+    Its logical date when it has one, else its run id: retries, cleared tasks and re-runs of
+    the same logical date all find the cycle's earlier work.
     """
-    from retrain_lib.cycle import safe_cycle_id
+    from retrain_lib.cycle import run_cycle_id
 
     context = context if context is not None else get_current_context()
-    return safe_cycle_id(str(context["run_id"]))
+    return run_cycle_id(str(context["run_id"]), context.get("logical_date"))
 
 
 _TRANSIENT = (StorageError, TrainingFailed)

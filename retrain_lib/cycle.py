@@ -39,6 +39,7 @@ __all__ = [
     "predictions_key",
     "register_and_promote",
     "run_cycle",
+    "run_cycle_id",
     "scenes_to_tile",
     "tile_one",
     "train_candidate",
@@ -79,6 +80,20 @@ class CycleSettings:
 def safe_cycle_id(raw: str) -> str:
     """A storage- and MLflow-safe cycle id from e.g. an Airflow run id."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("_.")[:100] or "cycle"
+
+
+def run_cycle_id(run_id: str, logical_date: datetime | None = None) -> str:
+    """The cycle id of an Airflow DAG run.
+
+    A run with a logical date is keyed by it, so every run of the same logical date (a re-run,
+    which Airflow 3 gives a new run id, a cleared task, a retry) is the same cycle and finds
+    its earlier work. A run without one (a manual trigger) is keyed by its run id.
+    """
+    if logical_date is None:
+        return safe_cycle_id(run_id)
+    when = logical_date.astimezone(UTC)
+    fraction = f".{when.microsecond:06d}" if when.microsecond else ""
+    return safe_cycle_id(when.strftime("%Y-%m-%dT%H-%M-%S") + fraction + "Z")
 
 
 def _now() -> datetime:

@@ -79,6 +79,7 @@ class DagRunOutcome:
 
     dag_id: str
     run_id: str
+    logical_date: datetime
     state: str
     seconds: float
     log: Path
@@ -87,10 +88,10 @@ class DagRunOutcome:
 
     @property
     def cycle_id(self) -> str:
-        """The cycle id the tasks of this run used (see :func:`retrain_lib.cycle.safe_cycle_id`)."""
-        from retrain_lib.cycle import safe_cycle_id
+        """The cycle id the tasks of this run used (see :func:`retrain_lib.cycle.run_cycle_id`)."""
+        from retrain_lib.cycle import run_cycle_id
 
-        return safe_cycle_id(self.run_id)
+        return run_cycle_id(self.run_id, self.logical_date)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ class LocalStack:
         logical_date = logical_date or datetime.now(UTC)
         log_dir = log_dir or self.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{dag_id}-{logical_date.strftime('%Y%m%dT%H%M%S')}.log"
+        log_path = log_dir / (f"{dag_id}-{logical_date.strftime('%Y%m%dT%H%M%S')}-run"
+                              f"{datetime.now(UTC).strftime('%H%M%S%f')}.log")
         command = [sys.executable, "-m", "airflow", "dags", "test", dag_id,
                    logical_date.isoformat()]
         if conf:
@@ -216,8 +218,8 @@ class LocalStack:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
             raise RetrainError(f"'airflow dags test {dag_id}' ran no DAG run (exit code "
                                f"{code}); the last lines of {log_path}:\n{tail}")
-        return DagRunOutcome(dag_id, run_id, state, round(time.monotonic() - started, 1),
-                             log_path, tuple(tasks), error)
+        return DagRunOutcome(dag_id, run_id, logical_date, state,
+                             round(time.monotonic() - started, 1), log_path, tuple(tasks), error)
 
 
 def _error_text(line: str) -> str:

@@ -1,0 +1,124 @@
+"""The Airflow adapter: error mapping, settings, retries, the Asset and the MLflow link."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from retrain_lib.airflow_adapter import (
+    MlflowLink,
+    MlflowLinkedOperator,
+    champion_asset,
+    cycle_settings,
+    default_configs_dir,
+    mlflow_ui_url,
+    model_version_url,
+    retrain_errors,
+    retry_args,
+    run_url,
+)
+from retrain_lib.errors import (
+    ConfigError,
+    InputError,
+    RetrainError,
+    StorageError,
+    TrainingFailed,
+)
+
+
+@pytest.mark.parametrize("error", [ConfigError("bad field"), InputError("bad drop"),
+                                   RetrainError("champion changed")])
+def test_errors_a_retry_cannot_fix_fail_the_task_at_once(error: RetrainError,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    with pytest.raises(AirflowFailException) as raised, retrain_errors():
+        raise error
+    assert str(raised.value) == str(error)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert f"{type(error).__name__}: {error}" in caplog.text
+
+
+@pytest.mark.parametrize("error", [StorageError("S3 unreachable"),
+                                   TrainingFailed("container exited with code 137")])
+def test_transient_errors_are_retried(error: RetrainError) -> None:
+    with pytest.raises(AirflowException) as raised, retrain_errors():
+        raise error
+    assert not isinstance(raised.value, AirflowFailException)
+    assert str(error) in str(raised.value)
+
+
+def test_bugs_keep_their_traceback() -> None:
+    with pytest.raises(KeyError), retrain_errors():
+        raise KeyError("a bug")
+
+
+def test_retries_back_off_exponentially(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTORETRAIN_TASK_RETRIES", raising=False)
+    args = retry_args(delay_s=30)
+    assert args == {"retries": 3, "retry_delay": timedelta(seconds=30),
+                    "retry_exponential_backoff": 2.0,
+                    "max_retry_delay": timedelta(minutes=30)}
+    monkeypatch.setenv("AUTORETRAIN_TASK_RETRIES", "0")
+    assert retry_args()["retries"] == 0
+    assert retry_args(5)["retries"] == 5
+
+
+def test_settings_come_from_variables_then_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTORETRAIN_STORAGE", "/data/env-storage")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-mlflow:5000")
+    monkeypatch.setenv("AUTORETRAIN_S3_CONN_ID", "minio")
+    settings = cycle_settings()
+    assert settings.storage_uri == "/data/env-storage"
+    assert settings.mlflow_uri == "http://env-mlflow:5000" and settings.aws_conn_id == "minio"
+    # An Airflow Variable (here from its environment form) wins: ops change it in the UI.
+    monkeypatch.setenv("AIRFLOW_VAR_AUTORETRAIN_STORAGE", "s3://bucket/prod")
+    monkeypatch.setenv("AIRFLOW_VAR_AUTORETRAIN_MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    settings = cycle_settings()
+    assert settings.storage_uri == "s3://bucket/prod"
+    assert settings.mlflow_uri == "http://mlflow:5000"
+
+
+def test_configs_folder_defaults_to_the_repo(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: object) -> None:
+    monkeypatch.delenv("AUTORETRAIN_CONFIGS", raising=False)
+    from tests.conftest import REPO_ROOT
+
+    assert default_configs_dir(REPO_ROOT / "dags" / "retrain.py") == (
+        REPO_ROOT / "configs" / "object_types")
+    monkeypatch.setenv("AUTORETRAIN_CONFIGS", "/etc/autoretrain/types")
+    assert str(default_configs_dir(REPO_ROOT / "dags" / "retrain.py")) == (
+        "/etc/autoretrain/types")
+
+
+def test_champion_asset_is_one_per_type() -> None:
+    asset = champion_asset("vehicle")
+    assert asset.uri == "autoretrain://vehicle/champion" and asset.name == "vehicle_champion"
+    assert champion_asset("aircraft") != asset
+
+
+def test_mlflow_ui_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTORETRAIN_MLFLOW_UI_URL", raising=False)
+    assert mlflow_ui_url("sqlite:///x.db", use_variables=False) == "http://127.0.0.1:5000"
+    assert mlflow_ui_url("http://mlflow:5000/", use_variables=False) == "http://mlflow:5000"
+    # In compose the tracking URI names a container; browsers need the published address.
+    monkeypatch.setenv("AUTORETRAIN_MLFLOW_UI_URL", "http://localhost:5000")
+    assert mlflow_ui_url("http://mlflow:5000", use_variables=False) == "http://localhost:5000"
+    assert mlflow_ui_url("http://mlflow:5000") == "http://localhost:5000"
+
+
+def test_mlflow_pages() -> None:
+    assert run_url("http://m", "3", "abc") == "http://m/#/experiments/3/runs/abc"
+    assert model_version_url("http://m", "autoretrain-vehicle", "7") == (
+        "http://m/#/models/autoretrain-vehicle/versions/7")
+    assert model_version_url("http://m", "autoretrain-vehicle", None) == (
+        "http://m/#/models/autoretrain-vehicle")
+
+
+def test_mlflow_link_belongs_to_the_linked_operator() -> None:
+    link = MlflowLink()
+    assert link.name == "MLflow" and link.xcom_key == "_link_MlflowLink"
+    assert MlflowLink.operators == [MlflowLinkedOperator]
+    assert list(MlflowLinkedOperator.operator_extra_links) == [link]
