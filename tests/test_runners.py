@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -192,6 +193,13 @@ def trainer_image(docker_host: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     python = Path(sys.executable)
+    # The container user (1000) must traverse the bind-mounted checkout and environment; a
+    # checkout inside a private temp dir (mode 0700) would hide them, so open the path for
+    # traversal (x only: nothing becomes listable or writable).
+    for folder in (REPO_ROOT, *REPO_ROOT.parents, Path(sys.prefix), *Path(sys.prefix).parents):
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
     container = client.containers.create(BASE_IMAGE, command=["/bin/true"])
     try:
         container.commit(repository=TEST_IMAGE.split(":")[0], tag=TEST_IMAGE.split(":")[1],
