@@ -3,7 +3,7 @@
 Runs the current champion over the scenes dropped in ``inference/incoming/<type>/`` and stores
 GeoJSON predictions under ``predictions/<type>/<model_version>/``. Scheduled (hourly by default,
 $AUTORETRAIN_DETECT_SCHEDULE) and also triggered whenever ``retrain_<type>`` promotes a new
-champion, through the Asset ``autoretrain://<type>/champion``. The stage itself is
+champion, through the Asset ``x-autoretrain://<type>/champion``. The stage itself is
 :mod:`retrain_lib.serving`; this file only wires it.
 """
 
@@ -49,9 +49,9 @@ Drop GeoTIFF scenes into `inference/incoming/{cfg.name}/` in the storage root. E
    `predictions/{cfg.name}/<version>/<scene_id>.geojson` (scene CRS), then moves the scene to
    `inference/done/{cfg.name}/`. A re-run reuses stored predictions.
 
-Runs on cron `{cron}` (UTC) and whenever `retrain_{cfg.name}` promotes a new champion (Asset
-`autoretrain://{cfg.name}/champion`). Once analysts annotate a detected scene and drop it for
-training, the next cycle mines these stored predictions for hard examples.
+Runs on cron `{cron}` (UTC) and whenever `retrain_{cfg.name}` promotes a new champion
+(Asset `x-autoretrain://{cfg.name}/champion`). Once analysts annotate a detected scene and drop
+it for training, the next cycle mines these stored predictions for hard examples.
 """
 
 

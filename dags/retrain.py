@@ -57,8 +57,8 @@ Runs **{cfg.schedule or "only when triggered"}** (UTC). Each run is one retraini
    ({cfg.promotion.primary_metric} +{cfg.promotion.min_improvement}, guards hold). Its *MLflow*
    button opens the model version.
 7. **report** writes `cycles/{cfg.name}/<run>/report.json` and `report.md`;
-   **publish_champion** updates Asset `autoretrain://{cfg.name}/champion` when a new champion
-   was promoted, which re-runs `detect_{cfg.name}`.
+   **publish_champion** updates Asset `x-autoretrain://{cfg.name}/champion` when a new
+   champion was promoted, which re-runs `detect_{cfg.name}`.
 
 **Operating it.** Toggle the DAG on to let it run on schedule. *Trigger with config* to force a
 cycle (`force`), shorten training (`epochs`) or train only some candidates (`candidates`).

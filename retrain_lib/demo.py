@@ -152,7 +152,9 @@ class LocalStack:
         """This process's environment with the stack's settings on top."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
-        return {**env, **self.environment()}
+        # `airflow standalone` starts its components as `airflow ...`: find this environment's.
+        path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return {**env, "PATH": path, **self.environment()}
 
     def airflow(self, *args: str, check: bool = True, timeout_s: float | None = None
                 ) -> subprocess.CompletedProcess[str]:

@@ -95,7 +95,7 @@ def test_configs_folder_defaults_to_the_repo(monkeypatch: pytest.MonkeyPatch,
 
 def test_champion_asset_is_one_per_type() -> None:
     asset = champion_asset("vehicle")
-    assert asset.uri == "autoretrain://vehicle/champion" and asset.name == "vehicle_champion"
+    assert asset.uri == "x-autoretrain://vehicle/champion" and asset.name == "vehicle_champion"
     assert champion_asset("aircraft") != asset
 
 

@@ -178,7 +178,7 @@ def test_retrain_dag_graph_and_settings(parsed: dict[str, Any]) -> None:
         # Every step retries with exponential backoff (3 unless the environment says).
         assert set(dag["retries"].values()) == {3}
         assert set(dag["backoff"].values()) == {2.0}
-        assert dag["outlets"]["publish_champion"] == [f"autoretrain://{cfg.name}/champion"]
+        assert dag["outlets"]["publish_champion"] == [f"x-autoretrain://{cfg.name}/champion"]
         assert [t for t, uris in dag["outlets"].items() if uris] == ["publish_champion"]
         assert dag["extra_links"]["train"] == ["MLflow"]
         assert dag["extra_links"]["register_and_promote"] == ["MLflow"]
@@ -284,27 +284,28 @@ def _json_output(stdout: str) -> Any:
     return json.loads("\n".join(stdout.splitlines()[start:]))
 
 
-def _task_states(stack: LocalStack, dag_id: str, run_id: str) -> dict[str, str]:
-    rows = _json_output(stack.airflow("tasks", "states-for-dag-run", dag_id, run_id, "-o",
-                                      "json").stdout)
-    states = {}
-    for row in rows:
-        index = str(row.get("map_index", "")).strip()
-        mapped = index not in ("", "-1")
-        states[row["task_id"] + (f"[{index}]" if mapped else "")] = row["state"]
-    return states
+def _query(stack: LocalStack, sql: str, **params: Any) -> list[Any]:
+    """Rows from the Airflow metadata database (what the UI and the API read)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(stack.metadata_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql), params).fetchall())
+    finally:
+        engine.dispose()
+
+
+def _task_states(stack: LocalStack, run: DagRunOutcome) -> dict[str, str]:
+    rows = _query(stack, "SELECT task_id, map_index, state FROM task_instance "
+                  "WHERE dag_id = :dag AND run_id = :run", dag=run.dag_id, run=run.run_id)
+    return {task + (f"[{index}]" if index >= 0 else ""): state for task, index, state in rows}
 
 
 def _links(stack: LocalStack, run: DagRunOutcome) -> dict[tuple[str, int], str]:
     """The URLs Airflow stored for the "MLflow" buttons of a run's tasks."""
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(stack.metadata_url)
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT task_id, map_index, value FROM xcom WHERE dag_id = :dag AND run_id = :run "
-            "AND key = '_link_MlflowLink'"), {"dag": run.dag_id, "run": run.run_id}).fetchall()
-    engine.dispose()
+    rows = _query(stack, "SELECT task_id, map_index, value FROM xcom WHERE dag_id = :dag AND "
+                  "run_id = :run AND key = '_link_MlflowLink'", dag=run.dag_id, run=run.run_id)
     # PostgreSQL (JSONB) hands back the decoded string, SQLite the JSON text.
     return {(r[0], r[1]): json.loads(r[2]) if r[2].startswith('"') else r[2] for r in rows}
 
@@ -332,7 +333,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, metadata_url: str) -> Sce
     def run(name: str, dag_id: str, day: int, conf: dict[str, Any] | None = None) -> None:
         outcome = stack.run_dag(dag_id, conf=conf, logical_date=datetime(2025, 6, day, tzinfo=UTC))
         out.runs[name] = outcome
-        out.states[name] = _task_states(stack, dag_id, outcome.run_id)
+        out.states[name] = _task_states(stack, outcome)
         out.snapshots[name] = _snapshot(stack.storage_root)
         out.links[name] = _links(stack, outcome)
         report = stack.storage_root / "cycles" / "vehicle" / outcome.cycle_id / "report.json"
@@ -411,16 +412,10 @@ def test_cycle_one_catalogs_quarantines_trains_and_promotes(scenario: Scenario) 
 
 @pytest.mark.slow
 def test_promotion_updates_the_champion_asset(scenario: Scenario) -> None:
-    from sqlalchemy import create_engine, text
-
     assert scenario.states["cycle1"]["publish_champion"] == "success"
     assert scenario.states["cycle2"]["publish_champion"] == "skipped"
-    engine = create_engine(scenario.stack.metadata_url)
-    with engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
-            "WHERE a.uri = 'autoretrain://vehicle/champion'")).fetchall()
-    engine.dispose()
+    rows = _query(scenario.stack, "SELECT e.extra FROM asset_event e JOIN asset a ON "
+                  "a.id = e.asset_id WHERE a.uri = 'x-autoretrain://vehicle/champion'")
     assert len(rows) == 1  # one promotion, one event: not on the re-run, not in cycle 2
     extra = rows[0][0] if isinstance(rows[0][0], dict) else json.loads(rows[0][0])
     assert extra["version"] == scenario.report("cycle1")["promotion"]["promoted_version"]
