@@ -26,6 +26,7 @@ from retrain_lib.airflow_adapter import (
     retry_args,
 )
 from retrain_lib.config import ObjectTypeConfig
+from retrain_lib.storage import join_key
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -104,8 +105,11 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             with retrain_errors():
                 settings = cycle_settings()
                 check = cycle.check_new_data(cfg, settings, force=context["params"]["force"])
-                if not check["retrain"]:
-                    cycle.write_report(cfg, settings, current_cycle_id(context),
+                cycle_id = current_cycle_id(context)
+                report = join_key("cycles", cfg.name, cycle_id, "report.json")
+                # A re-run of a finished cycle skips too, but keeps that cycle's report.
+                if not check["retrain"] and not settings.storage().exists(report):
+                    cycle.write_report(cfg, settings, cycle_id,
                                        {"started_at": started, "check": check})
             if not check["retrain"]:
                 raise AirflowSkipException(f"no retraining this time: {check['reason']}")

@@ -2,9 +2,13 @@
 
 * The **MLflow** button (an operator extra link) of the ``train`` tasks opens the task's MLflow
   training run, and that of ``register_and_promote`` the registered model version it promoted
-  (or the current champion). The link class and the operator that carries it live in
-  :mod:`retrain_lib.airflow_adapter`, so workers (which do not load plugins) record the URL;
-  registering them here tells the API server which operator they belong to.
+  (or the current champion). In Airflow 3 the button comes with the operator: the link class
+  and the operator that carries it live in :mod:`retrain_lib.airflow_adapter`; the worker asks
+  the link for the URL when the task ends and stores it, and the API server shows what was
+  stored (the serialized DAG names the link and its storage key). The link is listed here so
+  that ``airflow plugins`` and the plugins API show it; it is deliberately bound to no operator,
+  since a plugin-bound link replaces the stored one and the API server would have to compute
+  the URL itself, which only a worker can.
 * An **MLflow** entry in the UI's navigation opens the MLflow UI.
 
 The MLflow UI's address is $AUTORETRAIN_MLFLOW_UI_URL, else $MLFLOW_TRACKING_URI when that is an

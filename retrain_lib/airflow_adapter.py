@@ -51,6 +51,7 @@ __all__ = [
     "ENV_TASK_RETRIES",
     "MLFLOW_LINK_XCOM",
     "MlflowLink",
+    "MlflowLinkedOperator",
     "champion_asset",
     "current_cycle_id",
     "cycle_settings",
@@ -74,7 +75,7 @@ ENV_TASK_RETRIES = "AUTORETRAIN_TASK_RETRIES"
 ENV_DETECT_SCHEDULE = "AUTORETRAIN_DETECT_SCHEDULE"
 """Cron expression of the detect DAGs' time schedule (default hourly)."""
 ENV_MLFLOW_UI = "AUTORETRAIN_MLFLOW_UI_URL"
-"""Base URL of the MLflow UI for links, when the tracking URI is not an http(s) server."""
+"""Base URL browsers reach the MLflow UI at (the tracking URI may name a container)."""
 
 VAR_STORAGE = "autoretrain_storage"
 VAR_MLFLOW_URI = "autoretrain_mlflow_tracking_uri"  # the same Variable the Docker runner reads
@@ -225,11 +226,18 @@ def model_version_url(base: str, model_name: str, version: str | None = None) ->
 
 
 def mlflow_run_page(tracking_uri: str, run_id: str) -> str:
-    """The MLflow UI page of a training run (asks the tracking server for its experiment)."""
+    """The MLflow UI page of a training run, or "" when MLflow cannot say its experiment.
+
+    A link is a convenience: failing to make one must not fail a finished training.
+    """
     from mlflow import MlflowClient
 
-    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-    return run_url(mlflow_ui_url(tracking_uri), run.info.experiment_id, run_id)
+    try:
+        experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception as exc:  # MLflow raises several kinds for an unreachable server
+        log.warning("no MLflow link for run %s: %s", run_id, exc)
+        return ""
+    return run_url(mlflow_ui_url(tracking_uri), experiment, run_id)
 
 
 def mlflow_model_page(tracking_uri: str, model_name: str, version: str | None) -> str:
@@ -238,7 +246,9 @@ def mlflow_model_page(tracking_uri: str, model_name: str, version: str | None) -
 
 
 def publish_mlflow_link(url: str, context: Mapping[str, Any] | None = None) -> None:
-    """Store the page the running task's "MLflow" button opens."""
+    """Store the page the running task's "MLflow" button opens (nothing for an empty URL)."""
+    if not url:
+        return
     context = context if context is not None else get_current_context()
     context["ti"].xcom_push(key=MLFLOW_LINK_XCOM, value=url)
 
@@ -275,10 +285,6 @@ class MlflowLinkedOperator(DecoratedOperator, PythonOperator):
                                              "op_args": op_args, "op_kwargs": op_kwargs},
                          python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs,
                          **kwargs)
-
-
-# Tells the API server (through the plugin) which operator carries the link.
-MlflowLink.operators = [MlflowLinkedOperator]
 
 
 def mlflow_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> Any:

@@ -224,6 +224,11 @@ class DatasetConfig(StrictModel):
         "test set.")
     rare_class_oversample_cap: float = Field(
         3.0, ge=1, description="Rare classes and regions are oversampled up to this factor.")
+    min_train_images: int = Field(
+        0, ge=0, description="Pad the training list to at least this many images by repeating "
+        "regular training chips in a seeded order (0: no padding). Gives a controlled "
+        "comparison the same training budget, e.g. a no-mining arm as many images as the "
+        "mining arm.")
     seed: int = Field(0, description="Seed for splits and sampling.")
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "run_cycle",
     "run_cycle_id",
     "scenes_to_tile",
+    "score_detector",
     "tile_one",
     "train_candidate",
     "untrained_scenes",
@@ -429,8 +430,13 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
 # --------------------------------------------------------------------------- 7. evaluate
 
 
-def _score(detector: Any, cfg: ObjectTypeConfig, tests: Sequence[tuple[str, Path, Path, str]]
-           ) -> dict[str, Any]:
+def score_detector(detector: Any, cfg: ObjectTypeConfig,
+                   tests: Sequence[tuple[str, Path, Path, str]]) -> dict[str, Any]:
+    """COCO metrics of ``detector`` over whole scenes, overall and per region.
+
+    ``tests`` holds ``(scene_id, scene_path, truth_path, region)``; the scenes are scored as
+    one COCO dataset (and per region), in the object type's class order.
+    """
     import numpy as np
 
     from retrain_lib.evaluate import SceneEvalInput, evaluate_scenes, read_scene_boxes
@@ -488,13 +494,13 @@ def evaluate_models(cfg: ObjectTypeConfig, settings: CycleSettings,
     for item in trained:
         detector = load_detector(item["weights_uri"], device=cfg.training.device,
                                  tracking_uri=settings.tracking_uri)
-        results["candidates"][item["candidate"]] = _score(detector, cfg, tests)
+        results["candidates"][item["candidate"]] = score_detector(detector, cfg, tests)
     champion = _registry(cfg, settings).champion()
     if champion is not None:
         detector = load_detector(f"models:/{cfg.registered_model_name}/{champion.version}",
                                  device=cfg.training.device, tracking_uri=settings.tracking_uri)
         results["champion"] = {"version": champion.version,
-                               "metrics": _score(detector, cfg, tests)}
+                               "metrics": score_detector(detector, cfg, tests)}
     return results
 
 

@@ -295,6 +295,10 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
     repeat_hard = hard_oversample if hard_oversample is not None else cfg.mining.oversample
     train_entries = [c for c, f in zip(train, factors, strict=True) for _ in range(f)]
     train_entries += [c for c in hard for _ in range(repeat_hard)]
+    padding = max(0, cfg.dataset.min_train_images - len(train_entries))
+    if padding:
+        pool = sorted(train, key=lambda c: (_hash01(cfg.dataset.seed, c.image_key), c.image_key))
+        train_entries += [pool[i % len(pool)] for i in range(padding)]
     test_scenes = sorted(s for s, a in splits.items() if a.split == "test")
 
     identity = {
@@ -326,7 +330,7 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
         "hard_by_reason": dict(Counter(c.reason or "unknown" for c in hard)),
         "chips_per_scene": dict(Counter(c.scene_id for c in train + hard)),
         "balance": {"rare_class_oversample_cap": cfg.dataset.rare_class_oversample_cap,
-                    "hard_oversample": repeat_hard,
+                    "hard_oversample": repeat_hard, "padding": padding,
                     "repeats_per_scene": dict(Counter(c.scene_id for c in train_entries))},
     }
     storage.put_bytes(join_key(prefix, "train.txt"), "".join(

@@ -521,11 +521,13 @@ def up_stack(root: str | Path, *, configs: str | Path | None = None, airflow_por
 
 def run_up(root: str | Path, *, configs: str | Path | None = None, airflow_port: int = 8080,
            mlflow_port: int = 5000, log: Callable[[str], None] = print,
-           ready_timeout_s: float = 300, stop_when_ready: bool = False) -> LocalStack:
+           ready_timeout_s: float = 300,
+           on_ready: Callable[[LocalStack], None] | None = None) -> LocalStack:
     """Serve Airflow (``airflow standalone``) and the MLflow UI until Ctrl-C.
 
-    Both use the stack of :func:`up_stack`; their output goes to ``<root>/logs/``.
-    ``stop_when_ready`` stops both as soon as they answer (for tests).
+    Both use the stack of :func:`up_stack`; their output goes to ``<root>/logs/``. With
+    ``on_ready``, it is called once both answer and both stop when it returns (for tests and
+    scripts).
 
     Raises:
         ConfigError: a port is taken.
@@ -573,7 +575,9 @@ def run_up(root: str | Path, *, configs: str | Path | None = None, airflow_port:
             "stack; DAGs start paused, toggle them on)")
         log(f"MLflow UI   http://127.0.0.1:{mlflow_port}")
         log(f"logs        {logs}/airflow-up.log, {logs}/mlflow-up.log; Ctrl-C stops both")
-        while not stop_when_ready:
+        if on_ready is not None:
+            on_ready(stack)
+        while on_ready is None:
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     raise RetrainError(f"{name} exited with code {proc.returncode}; see "

@@ -120,5 +120,11 @@ def test_mlflow_pages() -> None:
 def test_mlflow_link_belongs_to_the_linked_operator() -> None:
     link = MlflowLink()
     assert link.name == "MLflow" and link.xcom_key == "_link_MlflowLink"
-    assert MlflowLink.operators == [MlflowLinkedOperator]
+    assert MlflowLink.operators == []  # bound to operators by the class attribute below
     assert list(MlflowLinkedOperator.operator_extra_links) == [link]
+
+
+def test_a_link_that_cannot_be_made_is_empty_not_an_error(tmp_path: object) -> None:
+    from retrain_lib.airflow_adapter import mlflow_run_page
+
+    assert mlflow_run_page(f"sqlite:///{tmp_path}/mlflow.db", "no-such-run") == ""

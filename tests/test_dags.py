@@ -198,8 +198,7 @@ def test_parsing_imports_no_heavy_module(parsed: dict[str, Any]) -> None:
     assert parsed["heavy"] == []
 
 
-def test_a_broken_config_is_an_import_error_naming_the_field(
-        tmp_path: Path, metadata_url: str) -> None:
+def test_a_broken_config_is_an_import_error_naming_the_field(tmp_path: Path) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "vehicle.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "schedule": "often"}))
@@ -237,7 +236,7 @@ def test_plugin_loads_and_registers_the_mlflow_link(tmp_path: Path) -> None:
     assert result["errors"] == {}
     # The worker stores the URL under this key; the API server reads it for the button.
     assert result["links"] == [{"name": "MLflow", "xcom_key": "_link_MlflowLink",
-                                "operators": ["MlflowLinkedOperator"]}]
+                                "operators": []}]
     assert result["views"] == [{"name": "MLflow", "href": "http://mlflow.example:5000",
                                 "destination": "nav", "category": "browse"}]
 
@@ -350,6 +349,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, metadata_url: str) -> Sce
     run("cycle1", "retrain_vehicle", 1)
     run("rerun", "retrain_vehicle", 1, {"force": True})  # the same logical date again
     run("nodata", "retrain_vehicle", 2)
+    run("again", "retrain_vehicle", 1)  # cycle 1's logical date again, without force
     # Region B is first detected by the champion, then annotated and dropped for training:
     # cycle 2 mines the stored predictions instead of detecting again.
     staged = root / "staged" / "region-b"
@@ -470,6 +470,16 @@ def test_run_without_new_data_is_skipped_and_says_why(scenario: Scenario) -> Non
     assert report["check"]["reason"].startswith("only 0 new annotations (< 5)")
     assert "only 0 new annotations" in run.log.read_text()
     assert scenario.snapshots["nodata"] == scenario.snapshots["rerun"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_cycle_without_new_data_keeps_its_report(
+        scenario: Scenario) -> None:
+    run = scenario.runs["again"]
+    assert run.state == "success", run.log
+    assert set(scenario.states["again"].values()) == {"skipped"}
+    assert scenario.report("again") == scenario.report("rerun")  # not overwritten
+    assert scenario.snapshots["again"] == scenario.snapshots["nodata"]
 
 
 @pytest.mark.slow

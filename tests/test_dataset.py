@@ -151,3 +151,25 @@ def test_assembly_over_s3(s3_bucket: str, tmp_path: Path, shards: Shards) -> Non
                              regions=REGIONS)
     assert version.version == local.version
     assert storage.exists(version.data_yaml_key)
+
+
+def test_padding_repeats_regular_chips_up_to_the_budget(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    base = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    target = base.train_images + 7
+    padded_cfg = CFG.model_copy(update={"dataset": CFG.dataset.model_copy(
+        update={"min_train_images": target})})
+    padded = assemble_dataset(storage, padded_cfg, scene_shards=shards[1], regions=REGIONS)
+    assert padded.train_images == target and padded.version != base.version
+    assert padded.card["balance"]["padding"] == 7
+    base_lines = lines(storage, f"{base.prefix}/train.txt")
+    padded_lines = lines(storage, f"{padded.prefix}/train.txt")
+    assert padded_lines[:len(base_lines)] == base_lines
+    assert set(padded_lines[len(base_lines):]) <= set(base_lines)  # repeats, nothing new
+    assert len(set(padded_lines[len(base_lines):])) == 7  # spread, not one chip seven times
+    assert padded.card["val"] == base.card["val"]
+    # A budget already met changes nothing.
+    small_cfg = CFG.model_copy(update={"dataset": CFG.dataset.model_copy(
+        update={"min_train_images": 1})})
+    assert assemble_dataset(storage, small_cfg, scene_shards=shards[1],
+                            regions=REGIONS).version == base.version
