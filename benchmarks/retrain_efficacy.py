@@ -133,6 +133,7 @@ def cycle_row(report: dict[str, Any], scores: dict[str, Any], seconds: float) ->
             "promoted": promotion.get("promoted_version") is not None,
             "train_images": dataset.get("train_images"),
             "hard_chips": sum((report.get("mine") or {}).get("counts", {}).values()),
+            "hard_by_reason": (report.get("mine") or {}).get("counts", {}),
             "seconds": round(seconds, 1)}
 
 
@@ -217,9 +218,9 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def fmt(values: Sequence[float]) -> str:
+def fmt(values: Sequence[float], digits: int = 3) -> str:
     mean, sd = mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def series(results: Sequence[dict[str, Any]], arm: str, cycle: int, region: str,
@@ -273,13 +274,17 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def render(results: Sequence[dict[str, Any]], wall_s: float | None) -> str:
-    begin, end = markers(SECTION)
+def render(results: Sequence[dict[str, Any]], wall_s: float | None, name: str = "",
+           command: str = "") -> str:
+    begin, end = markers(section_name(name))
     agg = aggregate(results)
     settings = results[0]["settings"]
     n = len(results)
-    lines = [begin, "## Retraining efficacy: hard-example mining vs control", "",
-             "`python benchmarks/retrain_efficacy.py --write-docs`. The region-shift scenario "
+    title = "Retraining efficacy: hard-example mining vs control" + (f" ({name})" if name
+                                                                      else "")
+    lines = [begin, f"## {title}", "",
+             f"`python benchmarks/retrain_efficacy.py {command}--write-docs`. The region-shift "
+             "scenario "
              "with decoys: cycle 1 trains a champion from scratch on region A (vegetated); "
              f"cycles 2..{agg['cycles']} bring new region-B (arid) scenes, the same for both "
              "arms. **mining** runs the pipeline as configured (the champion's false positives "
@@ -316,13 +321,13 @@ def render(results: Sequence[dict[str, Any]], wall_s: float | None) -> str:
     for arm in ARMS:
         for c in range(2, agg["cycles"] + 1):
             rows = [r["arms"][arm][c - 1] for r in results]
-            lines.append(f"| {arm} | {c} | {fmt([r['train_images'] for r in rows])} | "
-                         f"{fmt([r['hard_chips'] for r in rows])} | "
+            lines.append(f"| {arm} | {c} | {fmt([r['train_images'] for r in rows], 0)} | "
+                         f"{fmt([r['hard_chips'] for r in rows], 0)} | "
                          f"{sum(r['promoted'] for r in rows)}/{n} | "
-                         f"{fmt([r['seconds'] for r in rows])} |")
+                         f"{fmt([r['seconds'] for r in rows], 0)} |")
     gain, loss = agg["gain_b_map50"], agg["loss_a_map50"]
     verdict = "met" if agg["target_met"] else "not met"
-    lines += ["", f"![mAP per cycle and arm](img/{PLOT.name})", "",
+    lines += ["", f"![mAP per cycle and arm](img/{plot_path(name).name})", "",
               f"By cycle {agg['cycles']}, mining minus control: region B mAP50 "
               f"{gain[0]:+.3f} ± {gain[1]:.3f}; region A mAP50 {-loss[0]:+.3f} ± {loss[1]:.3f}. "
               f"Target (at least +{TARGET_GAIN_B:.2f} on B, at most {TARGET_LOSS_A:.2f} lost on "
@@ -335,6 +340,14 @@ def render(results: Sequence[dict[str, Any]], wall_s: float | None) -> str:
     return "\n".join(lines)
 
 
+def section_name(name: str) -> str:
+    return SECTION + (f"-{name}" if name else "")
+
+
+def plot_path(name: str) -> Path:
+    return PLOT.with_name(PLOT.stem + (f"_{name}" if name else "") + PLOT.suffix)
+
+
 def load_results(out: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
     results = []
     for seed in seeds:
@@ -343,6 +356,18 @@ def load_results(out: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
             raise SystemExit(f"{path}: no result for seed {seed}; run it first")
         results.append(json.loads(path.read_text(encoding="utf-8")))
     return results
+
+
+def changed_flags(parser: argparse.ArgumentParser, results: Sequence[dict[str, Any]],
+                  name: str) -> str:
+    """The results' settings that differ from the defaults, as command-line flags."""
+    values = {**results[0]["settings"], "seeds": [r["seed"] for r in results], "name": name}
+    flags = []
+    for key, value in values.items():
+        if value != parser.get_default(key):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            flags.append(f"--{key.replace('_', '-')} {shown} ")
+    return "".join(flags)
 
 
 def main() -> None:
@@ -367,6 +392,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="aggregate the seeds' result.json files without running")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--name", default="", help="a variant's name: its own docs section "
+                        "and plot (default: the main one)")
     args = parser.parse_args()
     args.arms = ARMS
     if args.cycles < 2:
@@ -378,11 +405,11 @@ def main() -> None:
             run_seed(args, seed)
     results = load_results(args.out, args.seeds)
     wall = None if args.report_only else time.monotonic() - started
-    section = render(results, wall)
+    section = render(results, wall, args.name, changed_flags(parser, results, args.name))
     print(section)
     if args.write_docs:
-        plot(results, PLOT)
-        write_section(section, SECTION)
+        plot(results, plot_path(args.name))
+        write_section(section, section_name(args.name))
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
     splits = assign_scene_splits(storage, cfg, {s: m.get("region", "")
                                                 for s, m in manifests.items()},
                                  cycle_id=cycle_id)
-    targets = [s for s in new_scene_ids if s in splits and splits[s].split != "test"]
+    # Only training scenes: a validation scene's hard chips would train on what picks best.pt.
+    targets = [s for s in new_scene_ids if s in splits and splits[s].split == "train"]
     if not targets:
         return {"skipped": "no new training scene", "counts": {}}
     scratch = settings.scratch_dir(f"mine-{cfg.name}-{cycle_id}")

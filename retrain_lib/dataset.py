@@ -271,8 +271,8 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
     for prefix in sorted(hard_shards):
         for chip in read_shard_chips(storage, prefix, source="hard"):
             split = splits.get(chip.scene_id)
-            if split is not None and split.split == "test":
-                continue  # never train on a test scene, even through its hard examples
+            if split is not None and split.split != "train":
+                continue  # never train on a test or validation scene, even through hard chips
             hard.append(ChipRef(chip.image_key, chip.scene_id, regions.get(chip.scene_id, ""),
                                 chip.objects, "hard", chip.reason, chip.shard_sha256))
     val = [c for c in regular if splits[c.scene_id].split == "val"]

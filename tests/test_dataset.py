@@ -91,15 +91,16 @@ def test_splits_are_frozen_as_scenes_arrive(tmp_path: Path, shards: Shards) -> N
     assert {after[s].assigned_cycle for s in ("b0", "b1")} == {"c2"}
 
 
-def test_hard_chips_are_oversampled_and_test_hard_chips_dropped(tmp_path: Path,
-                                                                shards: Shards) -> None:
+def test_hard_chips_are_oversampled_and_test_and_val_hard_chips_dropped(
+        tmp_path: Path, shards: Shards) -> None:
     storage = fresh_storage(tmp_path, shards)
     base = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
     splits = load_scene_splits(storage, "vehicle")
     train_scene = next(s for s, a in sorted(splits.items()) if a.split == "train")
     test_scene = next(s for s, a in sorted(splits.items()) if a.split == "test")
-    # Reuse regular shards as 'hard' shards: one from a train scene, one from a test scene.
-    hard = [shards[1][train_scene], shards[1][test_scene]]
+    val_scene = next(s for s, a in sorted(splits.items()) if a.split == "val")
+    # Reuse regular shards as 'hard' shards: from a train, a test and a validation scene.
+    hard = [shards[1][train_scene], shards[1][test_scene], shards[1][val_scene]]
     with_hard = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
                                  hard_shards=hard)
     assert with_hard.version != base.version
@@ -110,6 +111,8 @@ def test_hard_chips_are_oversampled_and_test_hard_chips_dropped(tmp_path: Path,
     assert with_hard.train_images < n_train_scene_chips + 3 * hard_chips + 1_000
     train_lines = lines(storage, f"{with_hard.prefix}/train.txt")
     assert not any(f"/{test_scene}/images/" in line for line in train_lines)
+    # The validation scene's own chips validate; none of them trains, hard or not.
+    assert not any(f"/{val_scene}/images/" in line for line in train_lines)
 
 
 def test_card_and_data_yaml(tmp_path: Path, shards: Shards) -> None:
