@@ -1,6 +1,6 @@
 """Run every benchmark with its defaults and write its section of docs/benchmarks.md.
 
-    python benchmarks/run_all.py                      # all of them (about 2 h on 2 CPU cores)
+    python benchmarks/run_all.py                      # all of them (hours on 2 CPU cores)
     python benchmarks/run_all.py dag_parse training   # some of them
 
 Each benchmark runs in its own process, one after the other (they measure time and memory, so

@@ -178,11 +178,14 @@ class DatasetVersion:
                 "test_scenes": list(self.test_scenes), "reused": self.reused}
 
 
-def _repeat_factors(chips: Sequence[ChipRef], classes: Sequence[str], cap: float
-                    ) -> list[int]:
+def _repeat_factors(chips: Sequence[ChipRef], classes: Sequence[str], cap: float,
+                    fixed: Sequence[ChipRef] = ()) -> list[int]:
+    """Repeats of each of ``chips`` that bring classes and regions closer to even (up to
+    ``cap``). ``fixed`` entries (hard chips, already repeated) count towards the balance but
+    are not repeated again, so that what is trained on is balanced, not just the tiles."""
     instances = Counter()
     region_chips = Counter()
-    for chip in chips:
+    for chip in [*chips, *fixed]:
         instances.update({c: n for c, n in chip.objects.items() if n})
         region_chips[chip.region] += 1
     top_class = max(instances.values(), default=0)
@@ -291,10 +294,12 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
     if not val:
         val = train[:1]
         val_source = "a single training chip (too little data for a split)"
-    factors = _repeat_factors(train, classes, cfg.dataset.rare_class_oversample_cap)
     repeat_hard = hard_oversample if hard_oversample is not None else cfg.mining.oversample
+    hard_entries = [c for c in hard for _ in range(repeat_hard)]
+    factors = _repeat_factors(train, classes, cfg.dataset.rare_class_oversample_cap,
+                              fixed=hard_entries)
     train_entries = [c for c, f in zip(train, factors, strict=True) for _ in range(f)]
-    train_entries += [c for c in hard for _ in range(repeat_hard)]
+    train_entries += hard_entries
     padding = max(0, cfg.dataset.min_train_images - len(train_entries))
     if padding:
         pool = sorted(train, key=lambda c: (_hash01(cfg.dataset.seed, c.image_key), c.image_key))

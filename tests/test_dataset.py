@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_hard_chips_are_oversampled_and_test_and_val_hard_chips_dropped(
     hard_chips = with_hard.card["train_unique"]["hard_chips"]
     n_train_scene_chips = len(lines(storage, f"{base.prefix}/train.txt"))
     assert hard_chips > 0
-    assert with_hard.train_images - base.train_images == 3 * hard_chips
+    assert with_hard.card["train"]["hard_chips"] == 3 * hard_chips
     assert with_hard.train_images < n_train_scene_chips + 3 * hard_chips + 1_000
     train_lines = lines(storage, f"{with_hard.prefix}/train.txt")
     assert not any(f"/{test_scene}/images/" in line for line in train_lines)
@@ -176,3 +177,28 @@ def test_padding_repeats_regular_chips_up_to_the_budget(tmp_path: Path, shards: 
         update={"min_train_images": 1})})
     assert assemble_dataset(storage, small_cfg, scene_shards=shards[1],
                             regions=REGIONS).version == base.version
+
+
+def test_region_balance_counts_the_hard_chips(tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    base = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    splits = load_scene_splits(storage, "vehicle")
+    arid_train = [s for s, a in sorted(splits.items()) if a.split == "train" and
+                  a.region == "arid"]
+    # Many hard chips from the small region: now the other region is the one repeated.
+    hard = [shards[1][s] for s in arid_train]
+    version = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
+                               hard_shards=hard, hard_oversample=8)
+    assert base.card["train"]["regions"]["arid"] > base.card["train_unique"]["regions"]["arid"]
+    regions = version.card["train"]["regions"]
+    assert regions["vegetated"] > version.card["train_unique"]["regions"]["vegetated"]
+    # Regular arid chips are repeated less: the hard chips (here the same images, 8 times)
+    # already weigh the region.
+    def arid(prefix: str) -> Counter[str]:
+        return Counter(line for line in lines(storage, f"{prefix}/train.txt")
+                       if any(f"/{s}/" in line for s in arid_train))
+
+    before, after = arid(base.prefix), arid(version.prefix)
+    regular_after = {chip: n - 8 for chip, n in after.items()}
+    assert all(0 < regular_after[chip] <= n for chip, n in before.items())
+    assert sum(regular_after.values()) < sum(before.values())
