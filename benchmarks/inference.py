@@ -431,11 +431,23 @@ def write_docs(section: str) -> None:
     write_section(section, "inference")
 
 
+def train_model_in_child(out: Path) -> Path:
+    """:func:`train_model` in a process of its own. Linux carries a process's RSS high-water
+    mark (``ru_maxrss``) into the children it forks, so training here would inflate every
+    arm's measured peak."""
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "import inference; print('WEIGHTS', inference.train_model(Path(sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out)],
+                          check=True, stdout=subprocess.PIPE, text=True)
+    line = [x for x in done.stdout.splitlines() if x.startswith("WEIGHTS ")][-1]
+    return Path(line.split(" ", 1)[1])
+
+
 def parent_main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _quiet_ultralytics(out / "yolo-config")
-    weights = train_model(out)
+    weights = train_model_in_child(out)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
