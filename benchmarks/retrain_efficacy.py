@@ -74,6 +74,7 @@ def make_config(args: argparse.Namespace, seed: int) -> Any:
     # One test scene per region, held out by the pipeline's own policy for its promotion
     # gate; the benchmark scores on its own evaluation scenes.
     data["dataset"]["test_scene_fraction"] = 0.1
+    data["dataset"]["max_train_images"] = args.max_train_images
     return parse_object_type_config(data, "retrain_efficacy")
 
 
@@ -92,7 +93,7 @@ def write_scenes(folder: Path, classes: Sequence[str], region: str, count: int, 
     specs = [SceneSpec(scene_id=f"{prefix}{i:02d}", width=args.scene_size,
                        height=args.scene_size, classes=tuple(classes), region=region,  # type: ignore[arg-type]
                        objects_per_class=args.objects_per_class, decoys=args.decoys,
-                       seed=seed * 100_003 + i) for i in range(count)]
+                       clusters=args.clusters, seed=seed * 100_003 + i) for i in range(count)]
     scenes = make_drop(folder, specs)
     (folder / "drop.json").write_text(json.dumps({"region": region, "source": "benchmark"}),
                                       encoding="utf-8")
@@ -109,18 +110,15 @@ def settings_for(root: Path) -> Any:
 
 def score_champion(cfg: Any, settings: Any, tests: list[tuple[str, Path, Path, str]]
                    ) -> dict[str, Any]:
-    from retrain_lib.cycle import score_detector
-    from retrain_lib.inference import load_detector
-    from retrain_lib.registry import ModelRegistry
+    from retrain_lib.cycle import champion_detector, score_detector
 
-    champion = ModelRegistry(cfg.registered_model_name, settings.tracking_uri).champion()
+    champion = champion_detector(cfg, settings)
     if champion is None:  # nothing deployed detects nothing
         return {"version": None, "regions": {r: dict.fromkeys(METRICS, 0.0)
                                              for r in (REGION_A, REGION_B)}}
-    detector = load_detector(f"models:/{cfg.registered_model_name}/{champion.version}",
-                             device=cfg.training.device, tracking_uri=settings.tracking_uri)
+    version, detector = champion
     scores = score_detector(detector, cfg, tests)
-    return {"version": champion.version,
+    return {"version": version,
             "regions": {r: {m: scores["regions"][r][m] for m in METRICS}
                         for r in scores["regions"]}}
 
@@ -203,6 +201,7 @@ def summary(row: dict[str, Any]) -> str:
 
 
 SETTINGS = ("cycles", "scenes_a", "scenes_b", "scene_size", "objects_per_class", "decoys",
+            "clusters", "max_train_images",
             "eval_scenes", "epochs", "finetune_epochs", "batch", "oversample",
             "hard_per_scene", "hard_per_cycle", "device")
 
@@ -299,11 +298,12 @@ def render(results: Sequence[dict[str, Any]], wall_s: float | None, name: str = 
              f"Settings: {settings['scenes_a']} region-A scenes, then {settings['scenes_b']} "
              f"region-B scenes per cycle, {settings['scene_size']} px (0.5 m), "
              f"{settings['objects_per_class']} objects per class and {settings['decoys']} "
-             f"decoys per scene; {settings['epochs']} epochs from scratch, then "
+             f"decoys per scene{layout(settings.get('clusters', 0))}; "
+             f"{settings['epochs']} epochs from scratch, then "
              f"{settings['finetune_epochs']} warm-started, 256 px chips, YOLO11n, device "
              f"`{settings['device']}`; hard chips ×{settings['oversample']}, at most "
              f"{settings['hard_per_scene']} per scene and {settings['hard_per_cycle']} per "
-             "cycle.", "",
+             f"cycle; {budget(settings.get('max_train_images', 0))}.", "",
              "| cycle | region | mAP50 mining | mAP50 control | Δ mAP50 | mAP50-95 mining "
              "| mAP50-95 control |",
              "|---:|---|---:|---:|---:|---:|---:|"]
@@ -338,6 +338,20 @@ def render(results: Sequence[dict[str, Any]], wall_s: float | None, name: str = 
               + f"; {platform.machine()}, {os.cpu_count()} CPU, Python "
               f"{platform.python_version()}.", end]
     return "\n".join(lines)
+
+
+def budget(images: int) -> str:
+    if not images:
+        return "no training budget: every cycle trains on every chip so far"
+    return (f"a training budget of {images} images per cycle for both arms "
+            "(`dataset.max_train_images`; hard chips at most half of it)")
+
+
+def layout(clusters: int) -> str:
+    if not clusters:
+        return " (objects spread over the scene)"
+    return (f" (objects in {clusters} lots per scene, decoys scattered over the rest, so most "
+            "decoys lie in empty chips the tiler keeps few of)")
 
 
 def section_name(name: str) -> str:
@@ -379,11 +393,15 @@ def main() -> None:
     parser.add_argument("--scene-size", type=int, default=640, help="scene edge in pixels")
     parser.add_argument("--objects-per-class", type=int, default=12)
     parser.add_argument("--decoys", type=int, default=8)
+    parser.add_argument("--clusters", type=int, default=0,
+                        help="0: objects spread over the scene; N: in N lots, decoys scattered")
     parser.add_argument("--eval-scenes", type=int, default=2, help="per region")
     parser.add_argument("--epochs", type=int, default=40, help="cycle 1, from scratch")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="later cycles")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--oversample", type=int, default=2, help="repeats of a hard chip")
+    parser.add_argument("--max-train-images", type=int, default=0,
+                        help="training budget per cycle, both arms (0: train on everything)")
     parser.add_argument("--hard-per-scene", type=int, default=15)
     parser.add_argument("--hard-per-cycle", type=int, default=40)
     parser.add_argument("--device", default="cpu", help="cpu or a CUDA index such as 0")

@@ -140,6 +140,8 @@ def synth(
     epsg: Annotated[int, typer.Option(help="Projected CRS of the scenes.")] = 32633,
     objects_per_class: Annotated[int, typer.Option(help="Objects of each class.")] = 20,
     decoys: Annotated[int, typer.Option(help="Unannotated look-alikes per scene.")] = 10,
+    clusters: Annotated[int, typer.Option(
+        help="0: objects spread uniformly; N: objects in N lots, decoys scattered.")] = 0,
     nodata_border: Annotated[int, typer.Option(help="Nodata frame width, pixels.")] = 0,
     bands: Annotated[int, typer.Option(help="3 (RGB) or 4 (RGB + NIR).")] = 3,
     uint16: Annotated[bool, typer.Option(
@@ -192,7 +194,7 @@ def synth(
             specs.append(SceneSpec(
                 scene_id=f"{drop_id}-{i:02d}", width=size, height=size, gsd_m=gsd, epsg=epsg,
                 region=region, classes=class_names,  # type: ignore[arg-type]
-                objects_per_class=objects_per_class, decoys=decoys,
+                objects_per_class=objects_per_class, decoys=decoys, clusters=clusters,
                 nodata_border=nodata_border, bands=bands,  # type: ignore[arg-type]
                 dtype="uint16" if uint16 else "uint8", seed=scene_seed))
         for spec in specs:  # fail before writing anything if objects do not fit

@@ -229,7 +229,23 @@ class DatasetConfig(StrictModel):
         "regular training chips in a seeded order (0: no padding). Gives a controlled "
         "comparison the same training budget, e.g. a no-mining arm as many images as the "
         "mining arm.")
+    max_train_images: int = Field(
+        0, ge=0, description="Training budget: at most this many images (repeats included) "
+        "per cycle, so cycle time stays bounded as the catalog grows (0: no cap). Distinct "
+        "chips come first, repeats only where room is left: hard chips fill up to "
+        "max_hard_fraction of it, a seeded sample of the regular chips weighted by their "
+        "balance repeats fills the rest.")
+    max_hard_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of max_train_images that hard chips (with their "
+        "repeats) may take; the rest stays for regular chips, old regions included.")
     seed: int = Field(0, description="Seed for splits and sampling.")
+
+    @model_validator(mode="after")
+    def _budget_fits_padding(self) -> DatasetConfig:
+        if self.max_train_images and self.min_train_images > self.max_train_images:
+            raise ValueError(f"min_train_images ({self.min_train_images}) exceeds "
+                             f"max_train_images ({self.max_train_images})")
+        return self
 
 
 class GuardMetric(StrictModel):

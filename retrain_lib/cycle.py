@@ -116,6 +116,26 @@ def _registry(cfg: ObjectTypeConfig, settings: CycleSettings) -> Any:
     return ModelRegistry(cfg.registered_model_name, settings.tracking_uri)
 
 
+def version_uri(cfg: ObjectTypeConfig, version: str) -> str:
+    """``models:/<name>/<version>``: a pinned version, not the moving alias."""
+    return f"models:/{cfg.registered_model_name}/{version}"
+
+
+def champion_detector(cfg: ObjectTypeConfig, settings: CycleSettings) -> tuple[str, Any] | None:
+    """The current champion's version and a loaded detector, or None before the first one.
+
+    The version is pinned, so an alias moved meanwhile cannot swap the model under a stage.
+    """
+    from retrain_lib.inference import load_detector
+
+    champion = _registry(cfg, settings).champion()
+    if champion is None:
+        return None
+    detector = load_detector(version_uri(cfg, champion.version), device=cfg.training.device,
+                             tracking_uri=settings.tracking_uri)
+    return champion.version, detector
+
+
 # --------------------------------------------------------------------------- 1. check
 
 
@@ -327,8 +347,8 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
             if detector is None:
                 from retrain_lib.inference import load_detector
 
-                detector = load_detector(f"models:/{cfg.registered_model_name}/"
-                                         f"{champion.version}", device=cfg.training.device,
+                detector = load_detector(version_uri(cfg, champion.version),
+                                         device=cfg.training.device,
                                          tracking_uri=settings.tracking_uri)
             log.info("no stored predictions of v%s for %s: detecting now", champion.version,
                      scene_id)
@@ -403,7 +423,7 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
         return {**storage.get_json(result_key), "candidate": candidate, "reused": True}
     champion = _registry(cfg, settings).champion()
     if cfg.training.warm_start and champion is not None:
-        weights = f"models:/{cfg.registered_model_name}/{champion.version}"
+        weights = version_uri(cfg, champion.version)
         parent = champion.version
     else:
         weights, parent = cfg.training.initial_model, None
@@ -496,11 +516,10 @@ def evaluate_models(cfg: ObjectTypeConfig, settings: CycleSettings,
         detector = load_detector(item["weights_uri"], device=cfg.training.device,
                                  tracking_uri=settings.tracking_uri)
         results["candidates"][item["candidate"]] = score_detector(detector, cfg, tests)
-    champion = _registry(cfg, settings).champion()
+    champion = champion_detector(cfg, settings)
     if champion is not None:
-        detector = load_detector(f"models:/{cfg.registered_model_name}/{champion.version}",
-                                 device=cfg.training.device, tracking_uri=settings.tracking_uri)
-        results["champion"] = {"version": champion.version,
+        version, detector = champion
+        results["champion"] = {"version": version,
                                "metrics": score_detector(detector, cfg, tests)}
     return results
 

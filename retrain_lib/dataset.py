@@ -201,6 +201,29 @@ def _repeat_factors(chips: Sequence[ChipRef], classes: Sequence[str], cap: float
     return factors
 
 
+def _seeded_subset(entries: Sequence[ChipRef], size: int, seed: int) -> list[ChipRef]:
+    """A seeded sample of ``size`` of ``entries``, in list order; all of them when they fit."""
+    if len(entries) <= size:
+        return list(entries)
+    ranked = sorted(range(len(entries)),
+                    key=lambda i: (_hash01(seed, f"{entries[i].image_key}#{i}"), i))
+    return [entries[i] for i in sorted(ranked[:max(size, 0)])]
+
+
+def _within_budget(chips: Sequence[ChipRef], factors: Sequence[int], room: int, seed: int
+                   ) -> list[ChipRef]:
+    """``room`` entries of ``chips``: as many distinct chips as fit, drawn with their balance
+    factors as weights (seeded weighted sampling without replacement), then repeats."""
+    if len(chips) >= room:
+        # Efraimidis-Spirakis: the largest u ** (1 / w) form a weighted sample.
+        keys = [_hash01(seed, c.image_key) ** (1 / f) for c, f in zip(chips, factors,
+                                                                      strict=True)]
+        ranked = sorted(range(len(chips)), key=lambda i: (-keys[i], i))
+        return [chips[i] for i in sorted(ranked[:max(room, 0)])]
+    extra = [c for c, f in zip(chips, factors, strict=True) for _ in range(f - 1)]
+    return list(chips) + _seeded_subset(extra, room - len(chips), seed)
+
+
 def _relative(dataset_prefix: str, key: str) -> str:
     return posixpath.relpath(key, dataset_prefix)
 
@@ -225,6 +248,11 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
     lines += ["", "Hard chips by reason: " + (", ".join(
         f"{k}: {v}" for k, v in sorted(card["hard_by_reason"].items())) or "none"),
         "", f"Validation: {card['val_source']}.", ""]
+    balance = card["balance"]
+    if balance.get("max_train_images"):
+        dropped = balance["dropped_by_budget"]
+        lines[-1:-1] = [f"Training budget: {balance['max_train_images']} images; left out "
+                        f"{dropped['regular']} regular and {dropped['hard']} hard entries.", ""]
     return "\n".join(lines)
 
 
@@ -295,10 +323,22 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
         val = train[:1]
         val_source = "a single training chip (too little data for a split)"
     repeat_hard = hard_oversample if hard_oversample is not None else cfg.mining.oversample
-    hard_entries = [c for c in hard for _ in range(repeat_hard)]
+    budget = cfg.dataset.max_train_images
+    hard_kept = hard
+    if budget:
+        # A budget buys distinct chips first: repeats only where room is left.
+        room = int(budget * cfg.dataset.max_hard_fraction)
+        hard_kept = _seeded_subset(hard, room, cfg.dataset.seed)
+        repeat_hard = max(1, min(repeat_hard, room // max(len(hard_kept), 1)))
+    hard_entries = [c for c in hard_kept for _ in range(repeat_hard)]
     factors = _repeat_factors(train, classes, cfg.dataset.rare_class_oversample_cap,
                               fixed=hard_entries)
     train_entries = [c for c, f in zip(train, factors, strict=True) for _ in range(f)]
+    balanced = len(train_entries)
+    if budget and balanced > budget - len(hard_entries):
+        train_entries = _within_budget(train, factors, budget - len(hard_entries),
+                                       cfg.dataset.seed)
+    dropped = {"regular": balanced - len(train_entries), "hard": len(hard) - len(hard_kept)}
     train_entries += hard_entries
     padding = max(0, cfg.dataset.min_train_images - len(train_entries))
     if padding:
@@ -322,20 +362,23 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
         return DatasetVersion(cfg.name, version, prefix, data_key, len(train_entries), len(val),
                               tuple(test_scenes), card, reused=True)
     test_regions = Counter(splits[s].region for s in test_scenes)
+    unique = list({(c.image_key, c.source): c for c in train_entries}.values())
     card = {
         "version": version, "object_type": cfg.name, "classes": classes,
         "cycle_id": cycle_id, "parent_version": parent_version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "train": _summary(train_entries, classes),
-        "train_unique": _summary(train + hard, classes),
+        "train_unique": _summary(unique, classes),
         "val": _summary(val, classes),
         "val_source": val_source,
         "test_scenes": test_scenes,
         "test_scenes_per_region": dict(test_regions),
-        "hard_by_reason": dict(Counter(c.reason or "unknown" for c in hard)),
-        "chips_per_scene": dict(Counter(c.scene_id for c in train + hard)),
+        "hard_by_reason": dict(Counter(c.reason or "unknown" for c in hard_kept)),
+        "chips_per_scene": dict(Counter(c.scene_id for c in unique)),
         "balance": {"rare_class_oversample_cap": cfg.dataset.rare_class_oversample_cap,
                     "hard_oversample": repeat_hard, "padding": padding,
+                    "max_train_images": budget,
+                    "dropped_by_budget": dropped,
                     "repeats_per_scene": dict(Counter(c.scene_id for c in train_entries))},
     }
     storage.put_bytes(join_key(prefix, "train.txt"), "".join(

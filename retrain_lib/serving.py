@@ -27,7 +27,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from retrain_lib.config import ObjectTypeConfig
-from retrain_lib.cycle import CycleSettings, predictions_index_key, predictions_key
+from retrain_lib.cycle import (
+    CycleSettings,
+    predictions_index_key,
+    predictions_key,
+    version_uri,
+)
 from retrain_lib.errors import InputError
 from retrain_lib.storage import join_key
 
@@ -75,7 +80,7 @@ def serving_model(cfg: ObjectTypeConfig, settings: CycleSettings) -> dict[str, A
     if champion is None:
         return None
     return {"model_name": cfg.registered_model_name, "version": champion.version,
-            "model_uri": f"models:/{cfg.registered_model_name}/{champion.version}"}
+            "model_uri": version_uri(cfg, champion.version)}
 
 
 def _scene_id(incoming: str, key: str) -> str:

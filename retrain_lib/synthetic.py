@@ -162,6 +162,9 @@ class SceneSpec:
         classes: Class names, in model index order; appearance follows the index.
         objects_per_class: Objects of each class.
         decoys: Look-alike objects that are not annotated.
+        clusters: 0 spreads objects uniformly over the scene. N > 0 gathers them around N
+            centres (parking lots, yards) and scatters the decoys over the rest, as in real
+            scenes where look-alikes lie mostly in chips the tiler keeps few of.
         nodata_border: Width in pixels of a nodata frame along every edge (0: none, and no
             nodata value is declared).
         bands: 3 (R, G, B) or 4 (R, G, B, NIR).
@@ -179,6 +182,7 @@ class SceneSpec:
     classes: tuple[str, ...] = ("car", "truck")
     objects_per_class: int = 20
     decoys: int = 10
+    clusters: int = 0
     nodata_border: int = 0
     bands: Literal[3, 4] = 3
     dtype: Literal["uint8", "uint16"] = "uint8"
@@ -214,7 +218,7 @@ class SceneSpec:
                               "names")
         if len({c.lower() for c in self.classes}) != len(self.classes):
             raise ConfigError(f"{where}: classes: got {self.classes!r}; names must be unique")
-        for name in ("objects_per_class", "decoys", "nodata_border", "seed"):
+        for name in ("objects_per_class", "decoys", "clusters", "nodata_border", "seed"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{where}: {name}: got {value!r}; expected an integer >= 0")
@@ -376,6 +380,21 @@ def _dark() -> tuple[float, ...]:
     return (*_DARK, 0.05)
 
 
+def _clustered_cells(rng: np.random.Generator, nx: int, ny: int, n_objects: int,
+                     n_decoys: int, clusters: int) -> np.ndarray:
+    """Cells for ``n_objects`` gathered around ``clusters`` centres, then scattered decoys."""
+    n_cells = nx * ny
+    centres = rng.choice(n_cells, size=min(clusters, n_cells), replace=False)
+    col, row = np.arange(n_cells) % nx, np.arange(n_cells) // nx
+    distance = np.min(np.hypot(col[:, None] - centres % nx, row[:, None] - centres // nx),
+                      axis=1)
+    # Jitter of up to two cells roughens the lots' edges; ties go to the random key too.
+    order = np.argsort(distance + rng.uniform(0, 2, n_cells), kind="stable")
+    objects = rng.permutation(order[:n_objects])  # classes mixed within each lot
+    decoys = rng.choice(order[n_objects:], size=n_decoys, replace=False)
+    return np.concatenate([objects, decoys]).astype(np.int64)
+
+
 def _plan(spec: SceneSpec) -> list[tuple[SyntheticObject, _Placement]]:
     """Place every object and decoy: one per grid cell, so nothing overlaps."""
     from shapely import affinity
@@ -399,7 +418,11 @@ def _plan(spec: SceneSpec) -> list[tuple[SyntheticObject, _Placement]]:
             f"(one per {cell} px cell); use a larger scene or fewer objects")
     transform = scene_transform(spec)
     matrix = [transform.a, transform.b, transform.d, transform.e, transform.xoff, transform.yoff]
-    cells = rng.choice(nx * ny, size=len(items), replace=False) if items else []
+    if spec.clusters and items:
+        cells = _clustered_cells(rng, nx, ny, len(items) - spec.decoys, spec.decoys,
+                                 spec.clusters)
+    else:
+        cells = rng.choice(nx * ny, size=len(items), replace=False) if items else []
     planned: list[tuple[SyntheticObject, _Placement]] = []
     for item, cell_index in zip(items, cells, strict=True):
         is_decoy = item is None

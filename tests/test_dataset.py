@@ -202,3 +202,73 @@ def test_region_balance_counts_the_hard_chips(tmp_path: Path, shards: Shards) ->
     regular_after = {chip: n - 8 for chip, n in after.items()}
     assert all(0 < regular_after[chip] <= n for chip, n in before.items())
     assert sum(regular_after.values()) < sum(before.values())
+
+
+def test_training_budget_caps_the_list_and_keeps_room_for_regular_chips(
+        tmp_path: Path, shards: Shards) -> None:
+    storage = fresh_storage(tmp_path, shards)
+    base = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS)
+    splits = load_scene_splits(storage, "vehicle")
+    hard = [shards[1][s] for s, a in sorted(splits.items()) if a.split == "train"]
+    unlimited = assemble_dataset(storage, CFG, scene_shards=shards[1], regions=REGIONS,
+                                 hard_shards=hard, hard_oversample=3)
+    hard_chips = sum(unlimited.card["hard_by_reason"].values())
+    budget = 12
+    assert unlimited.train_images > budget and 3 * hard_chips > budget // 2
+
+    def capped(**changes: object) -> ObjectTypeConfig:
+        return CFG.model_copy(update={"dataset": CFG.dataset.model_copy(
+            update={"max_train_images": budget, **changes})})
+
+    version = assemble_dataset(storage, capped(), scene_shards=shards[1], regions=REGIONS,
+                               hard_shards=hard, hard_oversample=3)
+    assert version.train_images == budget
+    # Half the budget, spent on six distinct hard chips rather than two chips three times.
+    assert version.card["train"]["hard_chips"] == 6 == version.card["train_unique"]["hard_chips"]
+    assert version.card["balance"]["hard_oversample"] == 1
+    dropped = version.card["balance"]["dropped_by_budget"]
+    assert dropped["hard"] == hard_chips - 6 and dropped["regular"] > 0
+    assert "Training budget: 12 images" in storage.get_bytes(
+        f"{version.prefix}/card.md").decode()
+    listed = lines(storage, f"{version.prefix}/train.txt")
+    regular, hard_lines = listed[:-6], listed[-6:]  # hard chips come last
+    assert len(set(hard_lines)) == 6
+    assert len(set(regular)) == len(regular) == 6  # distinct chips before any repeat
+    assert set(regular) <= set(lines(storage, f"{base.prefix}/train.txt"))
+    assert version.card["val"] == base.card["val"]
+    # Seeded: the same inputs give the same version; another seed samples another list.
+    again = assemble_dataset(fresh_storage(tmp_path / "again", shards), capped(),
+                             scene_shards=shards[1], regions=REGIONS, hard_shards=hard,
+                             hard_oversample=3)
+    assert again.version == version.version
+    reseeded = assemble_dataset(storage, capped(seed=5), scene_shards=shards[1],
+                                regions=REGIONS, hard_shards=hard, hard_oversample=3)
+    assert reseeded.train_images == budget and reseeded.version != version.version
+    # A budget that the list fits in changes nothing; a larger hard share takes more room.
+    roomy = CFG.model_copy(update={"dataset": CFG.dataset.model_copy(
+        update={"max_train_images": 10_000})})
+    assert assemble_dataset(storage, roomy, scene_shards=shards[1], regions=REGIONS,
+                            hard_shards=hard, hard_oversample=3).version == unlimited.version
+    wide = assemble_dataset(storage, capped(max_hard_fraction=1.0), scene_shards=shards[1],
+                            regions=REGIONS, hard_shards=hard, hard_oversample=3)
+    assert wide.card["train"]["hard_chips"] == min(12, hard_chips)
+    assert wide.train_images == budget
+    # Room for every distinct chip: the rest of the budget goes to balance repeats.
+    regular_chips = unlimited.card["train_unique"]["chips"] - hard_chips
+    spacious = CFG.model_copy(update={"dataset": CFG.dataset.model_copy(update={
+        "max_train_images": 2 * (regular_chips + 1), "max_hard_fraction": 0.5})})
+    roomier = assemble_dataset(storage, spacious, scene_shards=shards[1], regions=REGIONS,
+                               hard_shards=hard[:1], hard_oversample=1)
+    assert roomier.card["train_unique"]["chips"] - roomier.card["train"]["hard_chips"] \
+        == regular_chips
+
+
+def test_padding_above_the_budget_is_a_config_error() -> None:
+    from retrain_lib.config import parse_object_type_config
+    from retrain_lib.errors import ConfigError
+
+    data = CFG.model_dump(mode="json")
+    data["dataset"].update(min_train_images=20, max_train_images=10)
+    with pytest.raises(ConfigError,
+                       match=r"min_train_images \(20\) exceeds max_train_images \(10\)"):
+        parse_object_type_config(data, "budget.yaml")

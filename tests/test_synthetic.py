@@ -174,6 +174,32 @@ def test_objects_never_overlap_and_classes_differ_in_size() -> None:
     assert area["a"] < 0.6 * area["b"] and area["a"] < 0.6 * area["c"]
 
 
+def _tiles_holding(objects: list, tile: int = 256) -> set[tuple[int, int]]:
+    return {(int(o.polygon_px.centroid.x) // tile, int(o.polygon_px.centroid.y) // tile)
+            for o in objects}
+
+
+def test_clustered_layout_gathers_objects_and_scatters_decoys() -> None:
+    def plan(clusters: int) -> tuple[list, list]:
+        objects = plan_objects(SceneSpec("c", width=1280, height=1280, objects_per_class=12,
+                                         decoys=60, clusters=clusters, seed=3))
+        return ([o for o in objects if not o.is_decoy], [o for o in objects if o.is_decoy])
+
+    spread, spread_decoys = plan(0)
+    lots, lot_decoys = plan(2)
+    assert len(lots) == len(spread) == 24 and len(lot_decoys) == len(spread_decoys) == 60
+    assert {o.class_name for o in lots} == {"car", "truck"}
+    # The 24 objects fill at most a handful of the 25 tiles; spread out they fill most.
+    assert len(_tiles_holding(lots)) <= 8 < 14 <= len(_tiles_holding(spread))
+    outside = [d for d in lot_decoys if _tiles_holding([d]) - _tiles_holding(lots)]
+    assert len(outside) >= 0.7 * len(lot_decoys)
+    polygons = [o.polygon_px for o in lots + lot_decoys]
+    for i, polygon in enumerate(polygons):
+        assert not any(polygon.intersects(other) for other in polygons[i + 1:])
+    again, _ = plan(2)
+    assert [o.polygon_px.wkt for o in again] == [o.polygon_px.wkt for o in lots]
+
+
 def test_objects_stand_out_from_the_background(tmp_path: Path) -> None:
     for region in ("vegetated", "arid"):
         spec = small_spec(f"r-{region}", width=512, height=512, region=region, decoys=0)
@@ -244,6 +270,7 @@ def test_unwritable_path_is_a_storage_error(tmp_path: Path) -> None:
     ({"classes": tuple("abcdefghi")}, "1 to 8 classes"),
     ({"classes": ("car", "Car")}, "must be unique"),
     ({"seed": -1}, "seed: got -1"),
+    ({"clusters": -2}, "clusters: got -2"),
     ({"nodata_border": 100}, "nodata_border: got 100"),
     ({"objects_per_class": 100}, "do not fit in 256x256 px"),
 ])
@@ -318,6 +345,7 @@ def test_cli_synth_writes_drops_and_reports_them(tmp_path: Path) -> None:
     ["--classes", "car,,truck"],
     ["--classes", "car", "--config", "configs/object_types/vehicle.yaml"],
     ["--objects-per-class", "500"],
+    ["--clusters", "-1"],
 ])
 def test_cli_synth_bad_values_exit_2(args: list[str], tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--size", "256", *args])
