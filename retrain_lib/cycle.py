@@ -71,8 +71,9 @@ class CycleSettings:
         return open_storage(self.storage_uri, aws_conn_id=self.aws_conn_id)
 
     def scratch_dir(self, name: str) -> Path:
+        # Absolute: Ultralytics resolves a relative data.yaml path against its own folders.
         root = Path(self.scratch or os.environ.get("AUTORETRAIN_SCRATCH")
-                    or tempfile.gettempdir()) / "autoretrain"
+                    or tempfile.gettempdir()).expanduser().resolve() / "autoretrain"
         path = root / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         path.mkdir(parents=True, exist_ok=True)
         return path
