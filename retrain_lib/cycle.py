@@ -127,14 +127,17 @@ def champion_detector(cfg: ObjectTypeConfig, settings: CycleSettings) -> tuple[s
 
     The version is pinned, so an alias moved meanwhile cannot swap the model under a stage.
     """
-    from retrain_lib.inference import load_detector
-
     champion = _registry(cfg, settings).champion()
     if champion is None:
         return None
-    detector = load_detector(version_uri(cfg, champion.version), device=cfg.training.device,
-                             tracking_uri=settings.tracking_uri)
-    return champion.version, detector
+    return champion.version, _version_detector(cfg, settings, champion.version)
+
+
+def _version_detector(cfg: ObjectTypeConfig, settings: CycleSettings, version: str) -> Any:
+    from retrain_lib.inference import load_detector
+
+    return load_detector(version_uri(cfg, version), device=cfg.training.device,
+                         tracking_uri=settings.tracking_uri)
 
 
 # --------------------------------------------------------------------------- 1. check
@@ -346,11 +349,7 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
             log.info("mining %s with stored predictions of v%s", scene_id, champion.version)
         else:
             if detector is None:
-                from retrain_lib.inference import load_detector
-
-                detector = load_detector(version_uri(cfg, champion.version),
-                                         device=cfg.training.device,
-                                         tracking_uri=settings.tracking_uri)
+                detector = _version_detector(cfg, settings, champion.version)
             log.info("no stored predictions of v%s for %s: detecting now", champion.version,
                      scene_id)
             pred = _detect_to_storage(storage, cfg, detector, scene_path, scene_id, key,
