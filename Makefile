@@ -14,7 +14,7 @@ DEMO_ROOT ?= .autoretrain/demo
 help:
 	@echo "make demo        install and run the demo (local storage, SQLite, CPU)"
 	@echo "make test        install dev extras, lint, run the whole test suite"
-	@echo "make lint        ruff check"
+	@echo "make lint        ruff, the layer contracts (import-linter) and mypy"
 	@echo "make bench       run the benchmarks (results go to docs/benchmarks.md)"
 	@echo "make constraints re-resolve and re-pin constraints.txt"
 
@@ -39,9 +39,10 @@ demo: venv
 
 lint: dev
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
-test: dev
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: dev

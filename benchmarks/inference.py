@@ -70,9 +70,9 @@ def train_model(out: Path) -> Path:
     weights = run_dir / "weights" / "best.pt"
     if weights.is_file():
         return weights
-    from retrain_lib.config import TilingConfig
-    from retrain_lib.synthetic import SceneSpec, make_drop
-    from retrain_lib.tiling import tile_scene
+    from retrain_lib.core.config import TilingConfig
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
+    from retrain_lib.stages.tiling import tile_scene
 
     started = time.perf_counter()
     specs = [SceneSpec(f"train{i}", width=TRAIN["size"], height=TRAIN["size"],
@@ -110,7 +110,7 @@ def train_model(out: Path) -> Path:
 
 def make_scene(out: Path, size: int) -> tuple[Path, Path]:
     """A test scene (cached) with the training scenes' object density, and decoys."""
-    from retrain_lib.synthetic import SceneSpec, make_drop
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
 
     scene_id = f"infer{size}"
     tif, geojson = out / "scenes" / f"{scene_id}.tif", out / "scenes" / f"{scene_id}.geojson"
@@ -130,7 +130,8 @@ def make_scene(out: Path, size: int) -> tuple[Path, Path]:
 def _tiles_in_memory(scene: Path) -> list[np.ndarray]:
     import rasterio
 
-    from retrain_lib.tiling import read_chip, scene_stretch, tile_grid
+    from retrain_lib.geo.raster import read_chip, scene_stretch
+    from retrain_lib.geo.windows import tile_grid
 
     with rasterio.open(scene) as dataset:
         stretch = scene_stretch(dataset)
@@ -188,7 +189,7 @@ def _peak_mib() -> float:
 
 
 def run_floor(weights: Path, scene: Path, batch: int | None, device: str) -> dict[str, Any]:
-    from retrain_lib.inference import load_detector
+    from retrain_lib.stages.inference import load_detector
 
     detector = load_detector(weights, device=device)
     baseline = _rss_mib()
@@ -210,8 +211,8 @@ def run_detect(weights: Path, scene: Path, config: tuple[int, int], device: str
                ) -> dict[str, Any]:
     import torch
 
-    from retrain_lib.config import TilingConfig
-    from retrain_lib.inference import DetectOptions, detect_scene, load_detector
+    from retrain_lib.core.config import TilingConfig
+    from retrain_lib.stages.inference import DetectOptions, detect_scene, load_detector
 
     threads, batch = config
     detector = load_detector(weights, device=device, threads=threads)
@@ -241,7 +242,7 @@ def run_sahi(weights: Path, scene: Path, config: tuple[int, int], standard_pred:
     from sahi import AutoDetectionModel
     from sahi.predict import get_sliced_prediction
 
-    from retrain_lib.inference import load_detector
+    from retrain_lib.stages.inference import load_detector
 
     model = AutoDetectionModel.from_pretrained(
         model_type="ultralytics", model_path=str(weights), confidence_threshold=CONF,
@@ -322,8 +323,9 @@ def run_arm(arm: str, args: argparse.Namespace, weights: Path, scene: Path,
 def score(info: dict[str, Any], truth_path: Path, scene: Path) -> dict[str, Any]:
     import rasterio
 
-    from retrain_lib.evaluate import SceneEvalInput, evaluate_scenes, read_scene_boxes
-    from retrain_lib.geo import to_crs
+    from retrain_lib.geo.annotations import read_scene_boxes
+    from retrain_lib.geo.crs import to_crs
+    from retrain_lib.stages.evaluate import SceneEvalInput, evaluate_scenes
 
     with rasterio.open(scene) as dataset:
         transform, crs = dataset.transform, to_crs(dataset.crs)

@@ -60,8 +60,9 @@ def log(message: str) -> None:
 
 def make_config(args: argparse.Namespace, seed: int) -> Any:
     """The demo's scaled-down vehicle config, with this run's sizes."""
-    from retrain_lib.config import load_object_type_config, parse_object_type_config
-    from retrain_lib.demo import DemoSize, demo_config, project_folders
+    from retrain_lib.core.config import load_object_type_config, parse_object_type_config
+    from retrain_lib.devtools.demo import DemoSize, demo_config
+    from retrain_lib.devtools.local_stack import project_folders
 
     _, _, shipped = project_folders()
     base = load_object_type_config(shipped / "vehicle.yaml")
@@ -88,7 +89,7 @@ def with_arm(cfg: Any, arm: str, train_images: int = 0) -> Any:
 
 def write_scenes(folder: Path, classes: Sequence[str], region: str, count: int, prefix: str,
                  args: argparse.Namespace, seed: int) -> list[Any]:
-    from retrain_lib.synthetic import SceneSpec, make_drop
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
 
     specs = [SceneSpec(scene_id=f"{prefix}{i:02d}", width=args.scene_size,
                        height=args.scene_size, classes=tuple(classes), region=region,  # type: ignore[arg-type]
@@ -101,7 +102,7 @@ def write_scenes(folder: Path, classes: Sequence[str], region: str, count: int, 
 
 
 def settings_for(root: Path) -> Any:
-    from retrain_lib.cycle import CycleSettings
+    from retrain_lib.cycle.settings import CycleSettings
 
     return CycleSettings(storage_uri=str(root / "storage"),
                          mlflow_uri=f"sqlite:///{root / 'mlflow.db'}",
@@ -110,7 +111,8 @@ def settings_for(root: Path) -> Any:
 
 def score_champion(cfg: Any, settings: Any, tests: list[tuple[str, Path, Path, str]]
                    ) -> dict[str, Any]:
-    from retrain_lib.cycle import champion_detector, score_detector
+    from retrain_lib.cycle.champion import champion_detector
+    from retrain_lib.cycle.models import score_detector
 
     champion = champion_detector(cfg, settings)
     if champion is None:  # nothing deployed detects nothing
@@ -137,7 +139,7 @@ def cycle_row(report: dict[str, Any], scores: dict[str, Any], seconds: float) ->
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Cycle 1 once, then both arms through cycles 2..K; writes ``seed<N>/result.json``."""
-    from retrain_lib.cycle import run_cycle
+    from retrain_lib.cycle.run import run_cycle
 
     started = time.monotonic()
     root = args.out / f"seed{seed}"

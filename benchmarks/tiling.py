@@ -50,7 +50,7 @@ CLASSES = ("car", "truck")
 
 def make_scene(out_dir: Path, size: int) -> tuple[Path, Path]:
     """The benchmark scene (cached): size x size, 3-band uint8, 1 object per 0.5 ha."""
-    from retrain_lib.synthetic import SceneSpec, make_drop
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
 
     scene_id = f"bench{size}"
     drop = out_dir / "scenes"
@@ -80,7 +80,7 @@ def _floor_init(scene: str, out_dir: str) -> None:
     import rasterio
 
     cv2.setNumThreads(1)
-    from retrain_lib.tiling import GDAL_CACHE_BYTES
+    from retrain_lib.geo.raster import GDAL_CACHE_BYTES
 
     env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)  # the tiler's block cache
     env.__enter__()
@@ -106,7 +106,8 @@ def run_floor(scene: Path, out_dir: Path, workers: int) -> dict[str, Any]:
     """Read every window and encode it: the least work any tiler has to do."""
     import rasterio
 
-    from retrain_lib.tiling import _mp_context, tile_grid
+    from retrain_lib.geo.windows import tile_grid
+    from retrain_lib.stages.tiling_workers import mp_context
 
     with rasterio.open(scene) as dataset:
         width, height = dataset.width, dataset.height
@@ -121,7 +122,7 @@ def run_floor(scene: Path, out_dir: Path, workers: int) -> dict[str, Any]:
     else:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_floor_init,
+        with ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_floor_init,
                                  initargs=(str(scene), str(out_dir))) as pool:
             written = sum(pool.map(_floor_chunk, chunks))
     return {"chips": written}
@@ -129,8 +130,8 @@ def run_floor(scene: Path, out_dir: Path, workers: int) -> dict[str, Any]:
 
 def run_tiler(scene: Path, labels: Path, out_dir: Path, workers: int, every_tile: bool
               ) -> dict[str, Any]:
-    from retrain_lib.config import TilingConfig
-    from retrain_lib.tiling import tile_scene
+    from retrain_lib.core.config import TilingConfig
+    from retrain_lib.stages.tiling import tile_scene
 
     params = TilingConfig(tile_size=TILE_PX, overlap=OVERLAP, jpeg_quality=JPEG_QUALITY,
                           background_ratio=1e6 if every_tile else 0.2, workers=workers)

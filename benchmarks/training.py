@@ -128,8 +128,8 @@ def run_arm(arm: str, args: argparse.Namespace, dataset: Path, out: Path,
                        stderr=subprocess.DEVNULL)
         results = run_dir / "run" / "results.csv"
     else:
-        from retrain_lib.runners import LocalRunner
-        from retrain_lib.train import TrainRequest
+        from retrain_lib.training.contract import TrainRequest
+        from retrain_lib.training.runners.local import LocalRunner
 
         arm_env = dict(env)
         if arm == "entrypoint":

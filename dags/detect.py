@@ -4,7 +4,7 @@ Runs the current champion over the scenes dropped in ``inference/incoming/<type>
 GeoJSON predictions under ``predictions/<type>/<model_version>/``. Scheduled (hourly by default,
 $AUTORETRAIN_DETECT_SCHEDULE) and also triggered whenever ``retrain_<type>`` promotes a new
 champion, through the Asset ``x-autoretrain://<type>/champion``. The stage itself is
-:mod:`retrain_lib.serving`; this file only wires it.
+:mod:`retrain_lib.cycle.detect`; this file only wires it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowSkipException
 
-from retrain_lib.airflow_adapter import (
+from retrain_lib.airflow.dag_config import (
     champion_asset,
-    cycle_settings,
     detect_schedule,
     load_dag_configs,
-    retrain_errors,
     retry_args,
 )
-from retrain_lib.config import ObjectTypeConfig
+from retrain_lib.airflow.tasks import run_stage
+from retrain_lib.core.config import ObjectTypeConfig
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -75,10 +74,10 @@ def build_detect_dag(cfg: ObjectTypeConfig) -> DAG:
     def detect() -> None:
         @task
         def waiting_scenes() -> list[str]:
-            from retrain_lib.serving import inference_incoming_prefix, list_inference_scenes
+            from retrain_lib.core.layout import inference_incoming_prefix
+            from retrain_lib.cycle import detect
 
-            with retrain_errors():
-                scenes = list_inference_scenes(cfg, cycle_settings())
+            scenes: list[str] = run_stage(detect.list_inference_scenes, cfg)
             if not scenes:
                 raise AirflowSkipException(f"no scene waiting in "
                                            f"{inference_incoming_prefix(cfg.name)}/")
@@ -86,10 +85,9 @@ def build_detect_dag(cfg: ObjectTypeConfig) -> DAG:
 
         @task(multiple_outputs=False)
         def serving_model() -> dict[str, Any]:
-            from retrain_lib.serving import serving_model as champion
+            from retrain_lib.cycle import detect
 
-            with retrain_errors():
-                model = champion(cfg, cycle_settings())
+            model: dict[str, Any] | None = run_stage(detect.serving_model, cfg)
             if model is None:
                 raise AirflowSkipException(f"{cfg.registered_model_name} has no champion yet; "
                                            f"retrain_{cfg.name} promotes the first one")
@@ -97,12 +95,12 @@ def build_detect_dag(cfg: ObjectTypeConfig) -> DAG:
 
         @task(multiple_outputs=False, map_index_template="{{ scene_id }}")
         def detect_scene(scene_key: str, model: dict[str, Any]) -> dict[str, Any]:
-            from retrain_lib.serving import detect_incoming_scene
+            from retrain_lib.cycle import detect
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["scene_id"] = scene_key.rsplit("/", 1)[-1]  # the mapped task's label
-            with retrain_errors():
-                return detect_incoming_scene(cfg, cycle_settings(), scene_key, model)
+            return run_stage(detect.detect_incoming_scene, cfg, scene_key,
+                             detect.ServingModel.from_json(model))
 
         scenes = waiting_scenes()
         model = serving_model()

@@ -1,9 +1,10 @@
 """Retraining DAGs: one ``retrain_<type>`` per ``configs/object_types/<type>.yaml``.
 
-Each task is a few lines that call :mod:`retrain_lib.cycle`, where every stage is a plain,
-idempotent function; this file only wires them. Module-level imports are ``airflow.sdk``, the
-standard library and retrain_lib's light modules (config models, the Airflow adapter): no torch,
-ultralytics, mlflow or rasterio, so parsing stays fast. The config folder is
+Each task is one call of a stage of :mod:`retrain_lib.cycle` (a plain, idempotent function
+with a typed result) through :func:`~retrain_lib.airflow.tasks.run_stage`; this file only wires
+them. Module-level imports are ``airflow.sdk``, the standard library and retrain_lib's light
+modules (config models, :mod:`retrain_lib.airflow`): no torch, ultralytics, mlflow or rasterio,
+so parsing stays fast. The config folder is
 $AUTORETRAIN_CONFIGS, else ``configs/object_types`` beside this folder.
 """
 
@@ -15,18 +16,10 @@ from typing import Any
 from airflow.sdk import DAG, Param, dag, get_current_context, get_parsing_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from retrain_lib.airflow_adapter import (
-    champion_asset,
-    current_cycle_id,
-    cycle_settings,
-    load_dag_configs,
-    mlflow_task,
-    publish_mlflow_link,
-    retrain_errors,
-    retry_args,
-)
-from retrain_lib.config import ObjectTypeConfig
-from retrain_lib.storage import join_key
+from retrain_lib.airflow.dag_config import champion_asset, load_dag_configs, retry_args
+from retrain_lib.airflow.links import mlflow_task, publish_mlflow_link
+from retrain_lib.airflow.tasks import current_cycle_id, run_stage
+from retrain_lib.core.config import ObjectTypeConfig
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -98,66 +91,51 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
     def retrain() -> None:
         @task(multiple_outputs=False)
         def check_new_data() -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import report, trigger
+            from retrain_lib.cycle.results import TriggerDecision
 
             context = get_current_context()
             started = datetime.now(UTC).isoformat(timespec="seconds")
-            with retrain_errors():
-                settings = cycle_settings()
-                check = cycle.check_new_data(cfg, settings, force=context["params"]["force"])
-                cycle_id = current_cycle_id(context)
-                report = join_key("cycles", cfg.name, cycle_id, "report.json")
-                # A re-run of a finished cycle skips too, but keeps that cycle's report.
-                if not check["retrain"] and not settings.storage().exists(report):
-                    cycle.write_report(cfg, settings, cycle_id,
-                                       {"started_at": started, "check": check})
+            check = run_stage(trigger.check_new_data, cfg, force=context["params"]["force"],
+                              started_at=started)
             if not check["retrain"]:
+                # A re-run of a finished cycle skips too, but keeps that cycle's report.
+                run_stage(report.record_skip, cfg, current_cycle_id(context),
+                          TriggerDecision.from_json(check))
                 raise AirflowSkipException(f"no retraining this time: {check['reason']}")
-            return {**check, "started_at": started}
+            return check
 
         @task(multiple_outputs=False)
         def ingest() -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import data
 
-            with retrain_errors():
-                return cycle.ingest(cfg, cycle_settings(), current_cycle_id())
+            return run_stage(data.ingest, cfg, current_cycle_id())
 
         @task
         def list_scenes() -> list[str]:
-            from retrain_lib import cycle
-            from retrain_lib.errors import RetrainError
+            from retrain_lib.cycle import data
 
-            with retrain_errors():
-                scenes = cycle.scenes_to_tile(cfg, cycle_settings())
-                if not scenes:
-                    raise RetrainError(f"{cfg.name}: the catalog is empty: every drop was "
-                                       f"quarantined (see quarantine/{cfg.name}/)")
-            return scenes
+            return run_stage(data.scenes_to_tile, cfg)
 
         @task(multiple_outputs=False, map_index_template="{{ scene_id }}")
         def tile(scene_id: str) -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import data
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["scene_id"] = scene_id  # the mapped task's label in the UI
-            with retrain_errors():
-                return cycle.tile_one(cfg, cycle_settings(), scene_id)
+            return run_stage(data.tile_one, cfg, scene_id)
 
         @task(multiple_outputs=False)
         def mine() -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import mining
 
-            with retrain_errors():
-                settings = cycle_settings()
-                return cycle.mine(cfg, settings, current_cycle_id(),
-                                  cycle.untrained_scenes(cfg, settings))
+            return run_stage(mining.mine, cfg, current_cycle_id())
 
         @task(multiple_outputs=False)
         def assemble() -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import data
 
-            with retrain_errors():
-                return cycle.assemble(cfg, cycle_settings(), current_cycle_id())
+            return run_stage(data.assemble, cfg, current_cycle_id())
 
         @task
         def select_candidates() -> list[str]:
@@ -172,41 +150,40 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
         @mlflow_task(map_index_template="{{ candidate }}", **retry_args(delay_s=300))
         def train(candidate: str, dataset: dict[str, Any]) -> dict[str, Any]:
-            from retrain_lib import cycle
-            from retrain_lib.airflow_adapter import mlflow_run_page
+            from retrain_lib.airflow.links import mlflow_run_page
+            from retrain_lib.cycle import models
+            from retrain_lib.cycle.results import AssembledDataset
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["candidate"] = candidate  # the mapped task's label in the UI
-            with retrain_errors():
-                settings = cycle_settings()
-                result = cycle.train_candidate(cfg, settings, current_cycle_id(context),
-                                               dataset, candidate,
-                                               epochs=context["params"]["epochs"],
-                                               context=context)
-                publish_mlflow_link(mlflow_run_page(settings.tracking_uri,
-                                                    result["mlflow_run_id"]), context)
+            result = run_stage(models.train_candidate, cfg, current_cycle_id(context),
+                               AssembledDataset.from_json(dataset), candidate,
+                               epochs=context["params"]["epochs"])
+            publish_mlflow_link(mlflow_run_page(result["mlflow_run_id"]), context)
             return result
 
         @task(multiple_outputs=False)
         def evaluate(dataset: dict[str, Any], trained: list[dict[str, Any]]) -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import models
+            from retrain_lib.cycle.results import AssembledDataset, TrainedCandidate
 
-            with retrain_errors():
-                return cycle.evaluate_models(cfg, cycle_settings(), dataset, list(trained))
+            return run_stage(models.evaluate_models, cfg, AssembledDataset.from_json(dataset),
+                             [TrainedCandidate.from_json(t) for t in trained])
 
         @mlflow_task
         def register_and_promote(dataset: dict[str, Any], trained: list[dict[str, Any]],
                                  evaluation: dict[str, Any]) -> dict[str, Any]:
-            from retrain_lib import cycle
-            from retrain_lib.airflow_adapter import mlflow_model_page
+            from retrain_lib.airflow.links import mlflow_model_page
+            from retrain_lib.cycle import models
+            from retrain_lib.cycle.results import AssembledDataset, Evaluation, TrainedCandidate
 
-            with retrain_errors():
-                settings = cycle_settings()
-                result = cycle.register_and_promote(cfg, settings, current_cycle_id(), dataset,
-                                                    list(trained), evaluation)
-                publish_mlflow_link(mlflow_model_page(
-                    settings.tracking_uri, cfg.registered_model_name,
-                    result.get("promoted_version") or result.get("champion_version")))
+            result = run_stage(models.register_and_promote, cfg, current_cycle_id(),
+                               AssembledDataset.from_json(dataset),
+                               [TrainedCandidate.from_json(t) for t in trained],
+                               Evaluation.from_json(evaluation))
+            publish_mlflow_link(mlflow_model_page(
+                cfg.registered_model_name,
+                result.get("promoted_version") or result.get("champion_version")))
             return result
 
         @task(multiple_outputs=False)
@@ -214,23 +191,24 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                    tiles: list[dict[str, Any]], mined: dict[str, Any],
                    dataset: dict[str, Any], trained: list[dict[str, Any]],
                    evaluation: dict[str, Any], promotion: dict[str, Any]) -> dict[str, Any]:
-            from retrain_lib import cycle
+            from retrain_lib.cycle import report
+            from retrain_lib.cycle.results import CycleStages
 
-            stages = {"started_at": check.pop("started_at"), "check": check,
-                      "ingest": ingested, "tiles": list(tiles), "mine": mined,
-                      "dataset": dataset, "trained": list(trained), "evaluation": evaluation,
-                      "promotion": promotion}
-            with retrain_errors():
-                return cycle.write_report(cfg, cycle_settings(), current_cycle_id(), stages)
+            stages = CycleStages.from_json({
+                "check": check, "ingest": ingested, "tiles": list(tiles), "mine": mined,
+                "dataset": dataset, "trained": list(trained), "evaluation": evaluation,
+                "promotion": promotion})
+            return run_stage(report.write_report, cfg, current_cycle_id(), stages)
 
         @task(multiple_outputs=False, outlets=[champion])
         def publish_champion(written: dict[str, Any]) -> dict[str, Any]:
             version = written.get("promoted_version")
             if not version:
                 raise AirflowSkipException("no new champion this cycle: nothing to announce")
+            from retrain_lib.cycle.champion import version_uri
+
             event = {"model": cfg.registered_model_name, "version": str(version),
-                     "model_uri": f"models:/{cfg.registered_model_name}/{version}",
-                     "report": written["report"]}
+                     "model_uri": version_uri(cfg, str(version)), "report": written["report"]}
             get_current_context()["outlet_events"][champion].extra = event
             return event
 

@@ -36,7 +36,7 @@ WORKDIR /opt/autoretrain
 COPY --chown=50000:0 constraints.txt pyproject.toml README.md ./
 COPY --chown=50000:0 retrain_lib ./retrain_lib
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[celery]" \
-    && python -c "import retrain_lib.airflow_adapter, retrain_lib.cycle"
+    && python -c "import retrain_lib.airflow.tasks, retrain_lib.cycle.run"
 COPY --chown=50000:0 configs ./configs
 
 WORKDIR /opt/airflow

@@ -1,4 +1,4 @@
-# The trainer image: runs the training entrypoint `python -m retrain_lib.train` (docs/training.md).
+# The trainer image: runs the training entrypoint `python -m retrain_lib.training` (docs/training.md).
 #
 #   docker build -f docker/trainer.Dockerfile -t autoretrain-trainer:latest \
 #       --build-arg GIT_SHA="$(git rev-parse HEAD)" .
@@ -35,7 +35,7 @@ RUN python -m pip install -c constraints.txt \
 COPY pyproject.toml README.md ./
 COPY retrain_lib ./retrain_lib
 RUN python -m pip install --no-deps . \
-    && python -c "import retrain_lib.train, ultralytics, mlflow, boto3"
+    && python -c "import retrain_lib.training.entrypoint, ultralytics, mlflow, boto3"
 
 # Scratch (resumption checkpoints) lives on a volume mounted here; a new named volume takes
 # this folder's owner, so the non-root user can write to it.
@@ -45,5 +45,5 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin trainer \
 USER 1000:1000
 WORKDIR /home/trainer
 
-ENTRYPOINT ["python", "-m", "retrain_lib.train"]
+ENTRYPOINT ["python", "-m", "retrain_lib.training"]
 CMD ["--help"]

@@ -3,7 +3,7 @@
 * The **MLflow** button (an operator extra link) of the ``train`` tasks opens the task's MLflow
   training run, and that of ``register_and_promote`` the registered model version it promoted
   (or the current champion). In Airflow 3 the button comes with the operator: the link class
-  and the operator that carries it live in :mod:`retrain_lib.airflow_adapter`; the worker asks
+  and the operator that carries it live in :mod:`retrain_lib.airflow.links`; the worker asks
   the link for the URL when the task ends and stores it, and the API server shows what was
   stored (the serialized DAG names the link and its storage key). The link is listed here so
   that ``airflow plugins`` and the plugins API show it; it is deliberately bound to no operator,
@@ -21,7 +21,7 @@ import os
 
 from airflow.plugins_manager import AirflowPlugin
 
-from retrain_lib.airflow_adapter import MlflowLink, mlflow_ui_url
+from retrain_lib.airflow.links import MlflowLink, mlflow_ui_url
 
 
 class AutoRetrainPlugin(AirflowPlugin):

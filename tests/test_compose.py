@@ -54,16 +54,16 @@ def test_every_variable_has_an_example() -> None:
 
 
 def test_env_example_names_what_retrain_lib_reads() -> None:
-    from retrain_lib import storage
+    from retrain_lib.core import settings
 
     example = ENV_EXAMPLE.read_text()
-    assert storage.ENV_S3_ENDPOINT in example
+    assert settings.ENV_S3_ENDPOINT in example
 
 
 def _read_env_names() -> set[str]:
     """AUTORETRAIN_* names that retrain_lib (and the DAG files) actually read."""
     names: set[str] = set()
-    for path in [*(REPO_ROOT / "retrain_lib").glob("*.py"), *(REPO_ROOT / "dags").glob("*.py")]:
+    for path in [*(REPO_ROOT / "retrain_lib").rglob("*.py"), *(REPO_ROOT / "dags").glob("*.py")]:
         names |= set(re.findall(r"\"(AUTORETRAIN_[A-Z0-9_]+)\"", path.read_text()))
     return names
 
@@ -88,7 +88,7 @@ def test_tasks_can_start_trainer_containers() -> None:
     # Tasks run in the scheduler (LocalExecutor) or the Celery workers: both need the socket.
     for name in ("airflow-scheduler", "airflow-worker"):
         assert "/var/run/docker.sock:/var/run/docker.sock" in services[name]["volumes"]
-    from retrain_lib.config import DockerRunnerConfig
+    from retrain_lib.core.config import DockerRunnerConfig
 
     assert DockerRunnerConfig().docker_url == "unix://var/run/docker.sock"
 
@@ -113,7 +113,7 @@ def test_trainer_image_reserves_a_gpu() -> None:
     [device] = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     assert trainer["profiles"] == ["trainer"]
-    from retrain_lib.runners import DockerRunner
+    from retrain_lib.training.runners.docker import DockerRunner
 
     # The named volume is the docker runner's default scratch volume (resumable checkpoints).
     runner_default = DockerRunner.__init__.__kwdefaults__["scratch_volume"]
@@ -132,12 +132,13 @@ def test_depends_on_conditions_are_satisfiable() -> None:
 
 
 def test_airflow_services_get_every_setting_retrain_lib_needs() -> None:
-    from retrain_lib import airflow_adapter, storage
+    from retrain_lib.airflow import dag_config, links
+    from retrain_lib.core import settings
 
     read = _read_env_names()
     env = load()["services"]["airflow-scheduler"]["environment"]
-    for needed in (storage.ENV_STORAGE, storage.ENV_S3_ENDPOINT, airflow_adapter.ENV_CONFIGS,
-                   airflow_adapter.ENV_MLFLOW_UI, "MLFLOW_TRACKING_URI",
+    for needed in (settings.ENV_STORAGE, settings.ENV_S3_ENDPOINT, dag_config.ENV_CONFIGS,
+                   links.ENV_MLFLOW_UI, "MLFLOW_TRACKING_URI",
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert needed in env, needed
     # Every AUTORETRAIN_* name the stack sets is one retrain_lib reads: no typos.

@@ -1,0 +1,72 @@
+"""What every task of the DAGs shares: the cycle id, error mapping and the stage call.
+
+:func:`run_stage` is a task's whole body: it runs one stage of :mod:`retrain_lib.cycle` with
+the running task's settings, maps the project's errors to the right Airflow exception, and
+returns the stage's typed result as JSON for XCom.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from airflow.sdk import get_current_context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.core.errors import RetrainError, StorageError, TrainingFailed
+
+__all__ = ["current_cycle_id", "retrain_errors", "run_stage"]
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (StorageError, TrainingFailed)
+
+
+def current_cycle_id(context: Mapping[str, Any] | None = None) -> str:
+    """The cycle id of the running DAG run (see :func:`retrain_lib.cycle.settings.run_cycle_id`).
+
+    Its logical date when it has one, else its run id: retries, cleared tasks and re-runs of
+    the same logical date all find the cycle's earlier work.
+    """
+    from retrain_lib.cycle.settings import run_cycle_id
+
+    context = context if context is not None else get_current_context()
+    return run_cycle_id(str(context["run_id"]), context.get("logical_date"))
+
+
+@contextmanager
+def retrain_errors() -> Iterator[None]:
+    """Turn a RetrainError into one log line and the right Airflow exception.
+
+    Storage and training failures may pass on a retry, so they raise AirflowException (the task
+    retries with backoff). Bad input, bad settings and every other RetrainError fail the task
+    at once (AirflowFailException): a retry cannot fix them. Other exceptions are bugs and keep
+    their traceback.
+    """
+    try:
+        yield
+    except RetrainError as exc:
+        message = str(exc)
+        log.error("%s: %s", type(exc).__name__, message)
+        if isinstance(exc, _TRANSIENT):
+            raise AirflowException(message) from None
+        raise AirflowFailException(message) from None
+
+
+def run_stage(stage: Callable[..., Any], cfg: ObjectTypeConfig, *args: Any,
+              **kwargs: Any) -> Any:
+    """``stage(cfg, cycle_settings(), *args, **kwargs)`` inside :func:`retrain_errors`; a
+    typed result (or a list of them) comes back as JSON for XCom."""
+    from retrain_lib.airflow.hooks import cycle_settings
+    from retrain_lib.cycle.results import StageResult
+
+    with retrain_errors():
+        result = stage(cfg, cycle_settings(), *args, **kwargs)
+    if isinstance(result, StageResult):
+        return result.to_json()
+    if isinstance(result, list):
+        return [r.to_json() if isinstance(r, StageResult) else r for r in result]
+    return result

@@ -1,0 +1,55 @@
+"""A whole cycle in this process, without Airflow: ``autoretrain cycle``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.cycle.data import assemble, ingest, scenes_to_tile, tile_one
+from retrain_lib.cycle.mining import mine
+from retrain_lib.cycle.models import evaluate_models, register_and_promote, train_candidate
+from retrain_lib.cycle.report import write_report
+from retrain_lib.cycle.results import CycleStages, ReportWritten
+from retrain_lib.cycle.settings import CycleSettings
+from retrain_lib.cycle.trigger import check_new_data
+
+__all__ = ["run_cycle"]
+
+
+def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
+              force: bool = False, epochs: int | None = None,
+              candidates: Sequence[str] | None = None,
+              on_stage: Callable[[str, Any], None] | None = None
+              ) -> tuple[ReportWritten, CycleStages]:
+    """Run every stage in this process, in order; returns where the report is and the stages.
+
+    ``on_stage(name, result)`` is called after each stage.
+    """
+    stages: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+    def done(name: str, value: Any) -> Any:
+        stages[name] = value
+        if on_stage is not None:
+            on_stage(name, value)
+        return value
+
+    def report() -> tuple[ReportWritten, CycleStages]:
+        reached = CycleStages(**stages)
+        return write_report(cfg, settings, cycle_id, reached), reached
+
+    check = done("check", check_new_data(cfg, settings, force=force))
+    if not check.retrain:
+        return report()
+    done("ingest", ingest(cfg, settings, cycle_id))
+    done("tiles", [tile_one(cfg, settings, s) for s in scenes_to_tile(cfg, settings)])
+    done("mine", mine(cfg, settings, cycle_id))
+    dataset = done("dataset", assemble(cfg, settings, cycle_id))
+    names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]
+    trained = done("trained", [train_candidate(cfg, settings, cycle_id, dataset, n,
+                                               epochs=epochs) for n in names])
+    evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained))
+    done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
+                                           evaluation))
+    return report()

@@ -1,0 +1,410 @@
+"""Ingest analysts' drops: validate, catalog the good ones, quarantine the bad ones.
+
+A drop is one folder ``incoming/<type>/<drop_id>/`` holding ``<stem>.tif`` (or ``.tiff``)
+scenes, each with a ``<stem>.geojson`` (or ``.json``) annotation file of the same stem, and
+optionally ``drop.json`` with metadata (``region``, ``source``, ``notes``).
+
+A drop is the unit an analyst submits, so it is accepted or rejected whole:
+
+- **Good drop**: each scene goes to ``catalog/<type>/scenes/<scene_id>/`` as ``scene.tif``,
+  ``annotations.geojson`` (class names normalised, geometries in the scene CRS, invalid ones
+  repaired) and ``manifest.json``, published last, so a scene is cataloged exactly when its
+  manifest exists. Only then are the drop's files deleted from ``incoming/``.
+- **Bad drop**: ``reason.json`` naming every problem (file, feature, what was expected) is
+  written into ``quarantine/<type>/<drop_id>/``, the drop's files are copied beside it
+  untouched, and only then deleted from ``incoming/``.
+
+Every step is idempotent: a re-run after a crash finds finished manifests and skips their
+copies, so a drop is never lost and never cataloged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.core.errors import InputError, RetrainError
+from retrain_lib.core.io import file_sha256, safe_id
+from retrain_lib.core.layout import (
+    CATALOG_ANNOTATIONS,
+    CATALOG_MANIFEST,
+    CATALOG_SCENE,
+    catalog_prefix,
+    incoming_prefix,
+    join_key,
+    quarantine_prefix,
+)
+from retrain_lib.core.storage import Storage
+
+__all__ = [
+    "DropOutcome",
+    "IngestReport",
+    "Problem",
+    "count_pending_annotations",
+    "ingest_drop",
+    "ingest_drops",
+    "list_catalog_scenes",
+    "list_drops",
+]
+
+SCENE_SUFFIXES = (".tif", ".tiff")
+LABEL_SUFFIXES = (".geojson", ".json")
+DROP_METADATA = "drop.json"
+DROP_METADATA_KEYS = frozenset({"region", "source", "notes"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a drop was rejected."""
+
+    file: str
+    problem: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class DropOutcome:
+    """What happened to one drop."""
+
+    drop_id: str
+    status: Literal["cataloged", "quarantined"]
+    scene_ids: tuple[str, ...] = ()
+    annotations: int = 0
+    problems: tuple[Problem, ...] = ()
+    notes: tuple[str, ...] = ()
+    location: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drop_id": self.drop_id, "status": self.status,
+                "scene_ids": list(self.scene_ids), "annotations": self.annotations,
+                "problems": [p.to_dict() for p in self.problems], "notes": list(self.notes),
+                "location": self.location}
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """All drops of one ingest run."""
+
+    object_type: str
+    outcomes: tuple[DropOutcome, ...] = field(default_factory=tuple)
+
+    @property
+    def cataloged(self) -> tuple[DropOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.status == "cataloged")
+
+    @property
+    def quarantined(self) -> tuple[DropOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.status == "quarantined")
+
+    @property
+    def scene_ids(self) -> list[str]:
+        return [s for o in self.cataloged for s in o.scene_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"object_type": self.object_type,
+                "cataloged": len(self.cataloged), "quarantined": len(self.quarantined),
+                "scene_ids": self.scene_ids,
+                "new_annotations": sum(o.annotations for o in self.cataloged),
+                "drops": [o.to_dict() for o in self.outcomes]}
+
+
+def list_drops(storage: Storage, object_type: str) -> list[str]:
+    """Drop ids waiting in ``incoming/<type>/``, oldest name first."""
+    prefix = incoming_prefix(object_type)
+    return [d for d in storage.list_children(prefix)
+            if not storage.exists(join_key(prefix, d))]  # a stray file is not a drop
+
+
+def list_catalog_scenes(storage: Storage, object_type: str) -> list[dict[str, Any]]:
+    """Manifests of every cataloged scene (a scene exists once its manifest does)."""
+    prefix = catalog_prefix(object_type)
+    manifests = []
+    for scene_id in storage.list_children(prefix):
+        key = join_key(prefix, scene_id, CATALOG_MANIFEST)
+        if storage.exists(key):
+            manifests.append(storage.get_json(key))
+    return manifests
+
+
+def count_pending_annotations(storage: Storage, object_type: str) -> dict[str, int]:
+    """Annotated objects per waiting drop (unreadable files count 0; ingest will say why)."""
+    counts: dict[str, int] = {}
+    for drop_id in list_drops(storage, object_type):
+        total = 0
+        for key in storage.list(join_key(incoming_prefix(object_type), drop_id)):
+            if PurePosixPath(key).suffix.lower() in LABEL_SUFFIXES and \
+                    PurePosixPath(key).name != DROP_METADATA:
+                try:
+                    doc = json.loads(storage.get_bytes(key))
+                    total += len(doc.get("features") or []) if isinstance(doc, dict) else 0
+                except (ValueError, RetrainError):
+                    continue
+        counts[drop_id] = total
+    return counts
+
+
+def _scene_id(drop_id: str, stem: str) -> str:
+    return safe_id(f"{drop_id}-{stem}")
+
+
+@dataclass(frozen=True)
+class _Pair:
+    stem: str
+    scene_key: str
+    labels_key: str | None
+
+
+def _pair_files(keys: Sequence[str], base: str) -> tuple[list[_Pair], list[Problem], bool]:
+    scenes: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    problems: list[Problem] = []
+    has_metadata = False
+    for key in keys:
+        path = PurePosixPath(key)
+        relative = key[len(base) + 1:]
+        if "/" in relative:
+            problems.append(Problem(relative, "sub-folders are not allowed in a drop; expected "
+                                    "<stem>.tif + <stem>.geojson pairs at the top level"))
+        elif path.name == DROP_METADATA:
+            has_metadata = True
+        elif path.suffix.lower() in SCENE_SUFFIXES:
+            scenes[path.stem] = key
+        elif path.suffix.lower() in LABEL_SUFFIXES:
+            labels[path.stem] = key
+        else:
+            problems.append(Problem(relative, "unexpected file; a drop holds <stem>.tif scenes, "
+                                    "<stem>.geojson annotations and optionally drop.json"))
+    pairs = []
+    for stem in sorted(scenes):
+        if stem not in labels:
+            problems.append(Problem(PurePosixPath(scenes[stem]).name,
+                                    f"no annotation file; expected {stem}.geojson beside it "
+                                    "(an empty FeatureCollection if the scene has no objects)"))
+        pairs.append(_Pair(stem, scenes[stem], labels.get(stem)))
+    for stem in sorted(set(labels) - set(scenes)):
+        problems.append(Problem(PurePosixPath(labels[stem]).name,
+                                f"annotations without a scene; expected {stem}.tif beside it"))
+    if not scenes and not problems:
+        problems.append(Problem(".", "the drop holds no scene; expected <stem>.tif files"))
+    return pairs, problems, has_metadata
+
+
+def _read_metadata(storage: Storage, key: str) -> tuple[dict[str, str], list[Problem]]:
+    try:
+        doc = json.loads(storage.get_bytes(key))
+    except ValueError as exc:
+        return {}, [Problem(DROP_METADATA, f"not valid JSON ({exc})")]
+    if not isinstance(doc, dict):
+        return {}, [Problem(DROP_METADATA, "expected a JSON object")]
+    unknown = sorted(set(doc) - DROP_METADATA_KEYS)
+    if unknown:
+        return {}, [Problem(DROP_METADATA, f"unknown key(s) {', '.join(unknown)}; allowed: "
+                            f"{', '.join(sorted(DROP_METADATA_KEYS))}")]
+    bad = sorted(k for k, v in doc.items() if not isinstance(v, str))
+    if bad:
+        return {}, [Problem(DROP_METADATA, f"{', '.join(bad)} must be text")]
+    return dict(doc), []
+
+
+@dataclass(frozen=True)
+class _ValidScene:
+    pair: _Pair
+    scene_id: str
+    manifest: dict[str, Any]
+    labels_path: Path
+    scene_path: Path
+
+
+def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
+                    cfg: ObjectTypeConfig, drop_id: str, out_dir: Path
+                    ) -> tuple[_ValidScene | None, list[Problem], list[str]]:
+    from retrain_lib.geo.annotations import load_annotations
+    from retrain_lib.geo.crs import pixel_to_map
+    from retrain_lib.geo.geojson import Feature, write_geojson
+    from retrain_lib.geo.raster import inspect_scene, probe_pixels
+
+    scene_name = PurePosixPath(pair.scene_key).name
+    labels_name = PurePosixPath(pair.labels_key or "").name
+    scene_id = _scene_id(drop_id, pair.stem)
+    try:
+        scene = inspect_scene(local_scene, scene_id)
+        probe_pixels(local_scene)
+    except InputError as exc:
+        return None, [Problem(scene_name, _strip_path(str(exc), local_scene))], []
+    try:
+        objects = load_annotations(local_labels, scene, cfg.class_mapper)
+    except InputError as exc:
+        return None, [Problem(labels_name, _strip_path(str(exc), local_labels))], []
+    problems = [Problem(labels_name, r) for r in objects.rejected]
+    notes = [f"{labels_name}: {n}" for n in objects.notes if "outside the scene" not in n]
+    outside = [n for n in objects.notes if "outside the scene" in n]
+    problems += [Problem(labels_name, f"{n}; every annotation must overlap its scene")
+                 for n in outside]
+    if problems:
+        return None, problems, notes
+    classes = [cfg.classes[i] for i in objects.class_idx]
+    features = [Feature(geometry=g, properties={"class": c}, index=i)
+                for i, (g, c) in enumerate(zip(pixel_to_map(objects.pixel_geoms,
+                                                              scene.transform), classes,
+                                                 strict=True))]
+    labels_out = out_dir / f"{scene_id}.geojson"
+    write_geojson(labels_out, features, scene.crs)
+    manifest = {
+        "scene_id": scene_id, "object_type": cfg.name, "drop_id": drop_id,
+        "source_scene": scene_name, "source_annotations": labels_name,
+        "scene_sha256": file_sha256(local_scene), "width": scene.width, "height": scene.height,
+        "bands": scene.count, "dtype": scene.dtype, "crs": scene.crs.to_string(),
+        "transform": list(scene.transform)[:6], "gsd_m": scene.gsd_m,
+        "objects": len(features), "objects_per_class": dict(Counter(classes)),
+        "notes": notes,
+    }
+    return _ValidScene(pair, scene_id, manifest, labels_out, local_scene), [], notes
+
+
+def _strip_path(message: str, local: Path) -> str:
+    # Messages name the scratch copy; the analyst knows the file by its name in the drop.
+    return message.replace(f"{local}: ", "").replace(str(local), local.name)
+
+
+IN_PROGRESS_MARKER = ".quarantine-in-progress"
+
+
+def _quarantine_target(storage: Storage, object_type: str, drop_id: str) -> str:
+    """A free quarantine folder, or this drop's own half-finished one after a crash.
+
+    A drop id that was quarantined before (fixed and dropped again under the same id, then
+    rejected again) gets ``<drop_id>-2``, ``-3``..., so earlier reasons are never overwritten.
+    """
+    base = join_key(quarantine_prefix(object_type), drop_id)
+    target, n = base, 1
+    while storage.list(target) and not storage.exists(join_key(target, IN_PROGRESS_MARKER)):
+        n += 1
+        target = f"{base}-{n}"
+    return target
+
+
+def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
+                scratch: str | Path | None = None, cycle_id: str = "") -> DropOutcome:
+    """Validate one drop and catalog or quarantine it; see the module docstring."""
+    base = join_key(incoming_prefix(cfg.name), drop_id)
+    keys = storage.list(base)
+    if not keys:
+        raise RetrainError(f"{storage.url(base)}: drop not found or empty")
+    pairs, problems, has_metadata = _pair_files(keys, base)
+    metadata: dict[str, str] = {}
+    if has_metadata:
+        metadata, meta_problems = _read_metadata(storage, join_key(base, DROP_METADATA))
+        problems += meta_problems
+    valid: list[_ValidScene] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="autoretrain-ingest-") as tmp:
+        work = Path(tmp)
+        if not problems:
+            for pair in pairs:
+                assert pair.labels_key is not None
+                local_scene = storage.get_file(pair.scene_key,
+                                               work / PurePosixPath(pair.scene_key).name)
+                local_labels = storage.get_file(pair.labels_key, work / "labels" /
+                                                PurePosixPath(pair.labels_key).name)
+                scene, scene_problems, scene_notes = _validate_scene(
+                    pair, local_scene, local_labels, cfg, drop_id, work / "normalised")
+                problems += scene_problems
+                notes += scene_notes
+                if scene is not None:
+                    valid.append(scene)
+            duplicates = _duplicates(storage, cfg.name, valid, drop_id)
+            problems += duplicates
+        if problems:
+            return _quarantine(storage, cfg.name, drop_id, base, keys, problems, notes,
+                               metadata, cycle_id)
+        for scene in valid:
+            _catalog_scene(storage, cfg.name, scene, metadata, cycle_id)
+    for key in keys:
+        storage.delete(key)
+    return DropOutcome(drop_id, "cataloged", tuple(s.scene_id for s in valid),
+                       sum(s.manifest["objects"] for s in valid), (), tuple(notes),
+                       storage.url(catalog_prefix(cfg.name)))
+
+
+def _duplicates(storage: Storage, object_type: str, scenes: Sequence[_ValidScene],
+                drop_id: str) -> list[Problem]:
+    known = {m["scene_sha256"]: m for m in list_catalog_scenes(storage, object_type)}
+    problems = []
+    for scene in scenes:
+        match = known.get(scene.manifest["scene_sha256"])
+        if match is not None and match["scene_id"] != scene.scene_id:
+            problems.append(Problem(PurePosixPath(scene.pair.scene_key).name,
+                                    f"same pixels as cataloged scene {match['scene_id']} "
+                                    f"(drop {match['drop_id']}); re-annotating a cataloged "
+                                    "scene is not supported yet"))
+    return problems
+
+
+def _catalog_scene(storage: Storage, object_type: str, scene: _ValidScene,
+                   metadata: Mapping[str, str], cycle_id: str) -> None:
+    prefix = join_key(catalog_prefix(object_type), scene.scene_id)
+    manifest_key = join_key(prefix, CATALOG_MANIFEST)
+    if storage.exists(manifest_key):
+        existing = storage.get_json(manifest_key)
+        if existing.get("scene_sha256") == scene.manifest["scene_sha256"]:
+            return  # cataloged by an earlier, interrupted run
+    storage.put_file(scene.scene_path, join_key(prefix, CATALOG_SCENE))
+    storage.put_file(scene.labels_path, join_key(prefix, CATALOG_ANNOTATIONS))
+    storage.put_json(manifest_key, {
+        **scene.manifest,
+        "region": metadata.get("region", ""),
+        "source": metadata.get("source", ""),
+        "drop_notes": metadata.get("notes", ""),
+        "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cycle_id": cycle_id,
+    })
+
+
+def _quarantine(storage: Storage, object_type: str, drop_id: str, base: str,
+                keys: Sequence[str], problems: Sequence[Problem], notes: Sequence[str],
+                metadata: Mapping[str, str], cycle_id: str) -> DropOutcome:
+    target = _quarantine_target(storage, object_type, drop_id)
+    reason = {
+        "drop_id": drop_id, "object_type": object_type,
+        "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cycle_id": cycle_id, "problems": [p.to_dict() for p in problems],
+        "notes": list(notes), "metadata": dict(metadata),
+        "files": [k[len(base) + 1:] for k in keys],
+        "next_steps": "fix the listed problems and drop the corrected files as a new drop",
+    }
+    # The marker lets a re-run after a crash recognise its own half-finished quarantine.
+    marker = join_key(target, IN_PROGRESS_MARKER)
+    storage.put_bytes(marker, b"")
+    for key in keys:
+        name = key[len(base) + 1:]
+        # Never let an analyst's own file named reason.json shadow ours.
+        storage.copy(key, join_key(target, "reason.original.json" if name == "reason.json"
+                                   else name))
+    storage.put_json(join_key(target, "reason.json"), reason)
+    for key in keys:
+        storage.delete(key)
+    storage.delete(marker)
+    return DropOutcome(drop_id, "quarantined", (), 0, tuple(problems), tuple(notes),
+                       storage.url(target))
+
+
+def ingest_drops(storage: Storage, cfg: ObjectTypeConfig, *, drop_ids: Sequence[str] | None = None,
+                 scratch: str | Path | None = None, cycle_id: str = "",
+                 on_drop: Callable[[DropOutcome], None] | None = None) -> IngestReport:
+    """Ingest every waiting drop (or the given ones) of one object type."""
+    outcomes = []
+    for drop_id in drop_ids if drop_ids is not None else list_drops(storage, cfg.name):
+        outcome = ingest_drop(storage, cfg, drop_id, scratch=scratch, cycle_id=cycle_id)
+        outcomes.append(outcome)
+        if on_drop is not None:
+            on_drop(outcome)
+    return IngestReport(cfg.name, tuple(outcomes))

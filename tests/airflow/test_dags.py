@@ -1,0 +1,544 @@
+"""The DAGs through real Airflow: parsing, the task graph, and whole runs with ``dag.test()``.
+
+Airflow runs in subprocesses (``airflow dags test``, ``airflow db migrate``...) with their own
+``AIRFLOW_HOME``, so these tests never touch the user's Airflow settings. The metadata database
+is a fresh PostgreSQL database on 127.0.0.1:5432 when one answers (and must be in CI, where
+``CI`` is set), else SQLite.
+
+One scenario runs the retraining DAG of a tiny config (128 px chips, 64 px training, 1 epoch)
+through two cycles, a re-run of the same logical date, a run without new data, and the detect
+DAG; the tests below check what each run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from retrain_lib.devtools.local_stack import DagRunOutcome, LocalStack, project_folders
+
+DAGS, PLUGINS, SHIPPED_CONFIGS = project_folders()
+HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio")
+RETRAIN_EDGES = {
+    "check_new_data": {"ingest", "select_candidates", "report"},
+    "ingest": {"list_scenes", "report"},
+    "list_scenes": {"tile"},
+    "tile": {"mine", "report"},
+    "mine": {"assemble", "report"},
+    "assemble": {"train", "evaluate", "register_and_promote", "report"},
+    "select_candidates": {"train"},
+    "train": {"evaluate", "register_and_promote", "report"},
+    "evaluate": {"register_and_promote", "report"},
+    "register_and_promote": {"report"},
+    "report": {"publish_champion"},
+    "publish_champion": set(),
+}
+DETECT_EDGES = {"waiting_scenes": {"serving_model", "detect_scene"},
+                "serving_model": {"detect_scene"}, "detect_scene": set()}
+TINY_CONFIG: dict[str, Any] = {
+    "name": "vehicle",
+    "classes": ["car", "truck"],
+    "schedule": "@daily",
+    "trigger": {"min_new_annotations": 5, "max_days_without_training": 7},
+    "tiling": {"tile_size": 128, "overlap": 0.1},
+    "training": {"epochs": 1, "imgsz": 64, "batch": 8, "workers": 0,
+                 "candidates": [{"name": "a"}, {"name": "b", "overrides": {"mosaic": 0.0}}]},
+    "mining": {"max_per_scene": 4, "oversample": 1},
+    # One-epoch models score about 0: a floor of 0 makes cycle 1 promote, and a required gain
+    # of 1.0 makes cycle 2 keep the champion, whatever the noise.
+    "promotion": {"absolute_floor": 0.0, "min_improvement": 1.0},
+}
+
+
+# --------------------------------------------------------------------------- metadata database
+
+
+def _postgres_admin() -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                            connect_timeout=3)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(scope="module")
+def metadata_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh Airflow metadata database: PostgreSQL when it answers (required in CI)."""
+    try:
+        admin = _postgres_admin()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) for "
+                        f"the DAG tests: {exc}")
+        yield f"sqlite:///{tmp_path_factory.mktemp('airflow-db') / 'airflow.db'}"
+        return
+    name = f"autoretrain_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = _postgres_admin()
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _stack(root: Path, configs: Path, metadata_url: str, *, retries: int | None = 0
+           ) -> LocalStack:
+    yolo = root / "yolo-config"
+    yolo.mkdir(parents=True, exist_ok=True)
+    return LocalStack(root=root, dags_folder=DAGS, plugins_folder=PLUGINS, configs_dir=configs,
+                      database_url=metadata_url, task_retries=retries,
+                      extra_env={"YOLO_CONFIG_DIR": str(yolo), "YOLO_OFFLINE": "1",
+                                 "MPLBACKEND": "Agg"})
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+PARSE_SCRIPT = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+out = {"import_errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
+for dag in bag.dags.values():
+    out["dags"][dag.dag_id] = {
+        "edges": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks},
+        "timetable": type(dag.timetable).__name__,
+        "cron": getattr(dag.timetable, "expression", None),
+        "tags": sorted(dag.tags), "owner": dag.owner, "max_active_runs": dag.max_active_runs,
+        "catchup": dag.catchup, "paused": dag.is_paused_upon_creation,
+        "start_tz": str(dag.start_date.tzinfo), "params": sorted(dag.params),
+        "doc_md": dag.doc_md or "",
+        "retries": {t.task_id: t.retries for t in dag.tasks},
+        "backoff": {t.task_id: t.retry_exponential_backoff for t in dag.tasks},
+        "outlets": {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks},
+        "extra_links": {t.task_id: sorted(l.name for l in t.operator_extra_links)
+                        for t in dag.tasks},
+        "mapped": sorted(t.task_id for t in dag.tasks
+                         if type(t).__name__.endswith("MappedOperator")),
+    }
+out["heavy"] = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[2].split(",")))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The DAG folder parsed by Airflow's DagBag over the shipped configs, in a fresh process."""
+    home = tmp_path_factory.mktemp("airflow-parse")
+    stack = _stack(home, SHIPPED_CONFIGS, f"sqlite:///{home / 'airflow.db'}", retries=None)
+    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS),
+                           ",".join(HEAVY_MODULES)], env=stack.process_env(), cwd=home,
+                          capture_output=True, text=True, timeout=300, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_every_config_yields_a_retrain_and_a_detect_dag(parsed: dict[str, Any]) -> None:
+    assert parsed["import_errors"] == {}
+    types = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+    assert sorted(parsed["dags"]) == sorted([f"retrain_{t}" for t in types]
+                                            + [f"detect_{t}" for t in types])
+
+
+def test_retrain_dag_graph_and_settings(parsed: dict[str, Any]) -> None:
+    from retrain_lib.core.config import load_object_type_config
+
+    for path in SHIPPED_CONFIGS.glob("*.yaml"):
+        cfg = load_object_type_config(path)
+        dag = parsed["dags"][f"retrain_{cfg.name}"]
+        assert {k: set(v) for k, v in dag["edges"].items()} == RETRAIN_EDGES
+        assert dag["mapped"] == ["tile", "train"]
+        assert dag["timetable"] == "CronTriggerTimetable"
+        assert dag["cron"] == {"@daily": "0 0 * * *"}.get(cfg.schedule, cfg.schedule)
+        assert dag["max_active_runs"] == 1 and dag["catchup"] is False and dag["paused"] is True
+        assert dag["start_tz"] == "UTC" and dag["owner"] == cfg.owner
+        assert {"autoretrain", "retrain", cfg.name, *cfg.tags} == set(dag["tags"])
+        assert dag["params"] == ["candidates", "epochs", "force"]
+        # The operator's documentation carries this type's numbers and how to drive the DAG.
+        assert f"# Retrain `{cfg.name}`" in dag["doc_md"] and "Trigger with config" in dag["doc_md"]
+        assert f"at least {cfg.trigger.min_new_annotations} new annotated" in dag["doc_md"]
+        # Every step retries with exponential backoff (3 unless the environment says).
+        assert set(dag["retries"].values()) == {3}
+        assert set(dag["backoff"].values()) == {2.0}
+        assert dag["outlets"]["publish_champion"] == [f"x-autoretrain://{cfg.name}/champion"]
+        assert [t for t, uris in dag["outlets"].items() if uris] == ["publish_champion"]
+        assert dag["extra_links"]["train"] == ["MLflow"]
+        assert dag["extra_links"]["register_and_promote"] == ["MLflow"]
+        assert dag["extra_links"]["evaluate"] == []
+
+
+def test_detect_dag_graph_and_schedule(parsed: dict[str, Any]) -> None:
+    dag = parsed["dags"]["detect_vehicle"]
+    assert {k: set(v) for k, v in dag["edges"].items()} == DETECT_EDGES
+    assert dag["mapped"] == ["detect_scene"]
+    # Runs on time *and* when the champion Asset is updated.
+    assert dag["timetable"] == "AssetOrTimeSchedule"
+    assert dag["max_active_runs"] == 1 and dag["paused"] is True
+
+
+def test_parsing_imports_no_heavy_module(parsed: dict[str, Any]) -> None:
+    assert parsed["heavy"] == []
+
+
+def test_a_broken_config_is_an_import_error_naming_the_field(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "vehicle.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "schedule": "often"}))
+    stack = _stack(tmp_path / "stack", configs, f"sqlite:///{tmp_path / 'airflow.db'}")
+    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), "x"],
+                          env=stack.process_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    result = json.loads(next(line for line in proc.stdout.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    errors = "\n".join(result["import_errors"].values())
+    assert "vehicle.yaml: schedule: got 'often'" in errors
+    assert result["dags"] == {}
+
+
+PLUGIN_SCRIPT = """
+import json
+from airflow import plugins_manager
+[info] = [p for p in plugins_manager.get_plugin_info() if p["name"] == "autoretrain"]
+links = [{"name": link.name, "xcom_key": link.xcom_key,
+          "operators": [o.__name__ for o in link.operators]}
+         for link in plugins_manager.get_operator_extra_links()]
+print("RESULT " + json.dumps({"errors": plugins_manager.get_import_errors(), "links": links,
+                              "views": info["external_views"]}))
+"""
+
+
+def test_plugin_loads_and_registers_the_mlflow_link(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, SHIPPED_CONFIGS, f"sqlite:///{tmp_path / 'airflow.db'}")
+    env = {**stack.process_env(), "AUTORETRAIN_MLFLOW_UI_URL": "http://mlflow.example:5000"}
+    proc = subprocess.run([sys.executable, "-c", PLUGIN_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["errors"] == {}
+    # The worker stores the URL under this key; the API server reads it for the button.
+    assert result["links"] == [{"name": "MLflow", "xcom_key": "_link_MlflowLink",
+                                "operators": []}]
+    assert result["views"] == [{"name": "MLflow", "href": "http://mlflow.example:5000",
+                                "destination": "nav", "category": "browse"}]
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@dataclass
+class Scenario:
+    """What the runs of the scenario left behind."""
+
+    stack: LocalStack
+    runs: dict[str, DagRunOutcome] = field(default_factory=dict)
+    states: dict[str, dict[str, str]] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    links: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)
+    markdown: dict[str, str] = field(default_factory=dict)
+    bad_drop: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def storage(self) -> Path:
+        return self.stack.storage_root
+
+    def report(self, run: str) -> dict[str, Any]:
+        """The cycle report as the run left it (a re-run of its cycle rewrites the file)."""
+        return self.reports[run]
+
+
+def _snapshot(storage: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file that ingest, tiling, mining and assembly wrote."""
+    out = {}
+    for top in ("incoming", "catalog", "quarantine", "chips", "hard", "datasets"):
+        for path in sorted((storage / top).rglob("*")):
+            if path.is_file() and not path.name.endswith(".cache"):
+                stat = path.stat()
+                out[str(path.relative_to(storage))] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def _json_output(stdout: str) -> Any:
+    """The JSON an ``airflow ... -o json`` command printed after its log lines."""
+    start = next(i for i, line in enumerate(stdout.splitlines()) if line.startswith(("[{", "[]")))
+    return json.loads("\n".join(stdout.splitlines()[start:]))
+
+
+def _query(stack: LocalStack, sql: str, **params: Any) -> list[Any]:
+    """Rows from the Airflow metadata database (what the UI and the API read)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(stack.metadata_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql), params).fetchall())
+    finally:
+        engine.dispose()
+
+
+def _task_states(stack: LocalStack, run: DagRunOutcome) -> dict[str, str]:
+    rows = _query(stack, "SELECT task_id, map_index, state FROM task_instance "
+                  "WHERE dag_id = :dag AND run_id = :run", dag=run.dag_id, run=run.run_id)
+    return {task + (f"[{index}]" if index >= 0 else ""): state for task, index, state in rows}
+
+
+def _links(stack: LocalStack, run: DagRunOutcome) -> dict[tuple[str, int], str]:
+    """The URLs Airflow stored for the "MLflow" buttons of a run's tasks."""
+    rows = _query(stack, "SELECT task_id, map_index, value FROM xcom WHERE dag_id = :dag AND "
+                  "run_id = :run AND key = '_link_MlflowLink'", dag=run.dag_id, run=run.run_id)
+    # PostgreSQL (JSONB) hands back the decoded string, SQLite the JSON text.
+    return {(r[0], r[1]): json.loads(r[2]) if r[2].startswith('"') else r[2] for r in rows}
+
+
+def _drop(folder: Path, region: str, scenes: int, seed: int) -> None:
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
+
+    make_drop(folder, [SceneSpec(scene_id=f"s{i}", width=256, height=256, region=region,
+                                 objects_per_class=3, decoys=2, seed=seed + i)  # type: ignore[arg-type]
+                       for i in range(scenes)])
+    (folder / "drop.json").write_text(json.dumps({"region": region}))
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory, metadata_url: str) -> Scenario:
+    root = tmp_path_factory.mktemp("dag-runs")
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / "vehicle.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    stack = _stack(root / "stack", configs, metadata_url)
+    stack.migrate()
+    out = Scenario(stack)
+    incoming = stack.storage_root / "incoming" / "vehicle"
+
+    def run(name: str, dag_id: str, day: int, conf: dict[str, Any] | None = None) -> None:
+        outcome = stack.run_dag(dag_id, conf=conf, logical_date=datetime(2025, 6, day, tzinfo=UTC))
+        out.runs[name] = outcome
+        out.states[name] = _task_states(stack, outcome)
+        out.snapshots[name] = _snapshot(stack.storage_root)
+        out.links[name] = _links(stack, outcome)
+        report = stack.storage_root / "cycles" / "vehicle" / outcome.cycle_id / "report.json"
+        if dag_id.startswith("retrain_"):
+            out.reports[name] = json.loads(report.read_text())
+            out.markdown[name] = report.with_suffix(".md").read_text()
+
+    _drop(incoming / "region-a", "vegetated", 3, seed=10)
+    _drop(incoming / "bad", "vegetated", 1, seed=20)
+    labels = json.loads((incoming / "bad" / "s0.geojson").read_text())
+    labels["features"][0]["properties"]["class"] = "boat"
+    (incoming / "bad" / "s0.geojson").write_text(json.dumps(labels))
+    out.bad_drop = {p.name: p.read_bytes() for p in (incoming / "bad").iterdir()}
+    run("cycle1", "retrain_vehicle", 1)
+    run("rerun", "retrain_vehicle", 1, {"force": True})  # the same logical date again
+    run("nodata", "retrain_vehicle", 2)
+    run("again", "retrain_vehicle", 1)  # cycle 1's logical date again, without force
+    # Region B is first detected by the champion, then annotated and dropped for training:
+    # cycle 2 mines the stored predictions instead of detecting again.
+    staged = root / "staged" / "region-b"
+    _drop(staged, "arid", 3, seed=30)
+    waiting = stack.storage_root / "inference" / "incoming" / "vehicle"
+    waiting.mkdir(parents=True)
+    for scene in staged.glob("*.tif"):
+        shutil.copyfile(scene, waiting / scene.name)
+    run("detect", "detect_vehicle", 3)
+    shutil.move(staged, incoming / "region-b")
+    run("cycle2", "retrain_vehicle", 4, {"candidates": ["a"], "epochs": 1})
+    return out
+
+
+def _registry(scenario: Scenario) -> Any:
+    from retrain_lib.stages.registry import ModelRegistry
+
+    return ModelRegistry("autoretrain-vehicle", scenario.stack.tracking_uri)
+
+
+@pytest.mark.slow
+def test_cycle_one_catalogs_quarantines_trains_and_promotes(scenario: Scenario) -> None:
+    run = scenario.runs["cycle1"]
+    assert run.state == "success", run.log
+    states = scenario.states["cycle1"]
+    assert set(states.values()) == {"success"}
+    assert {k for k in states if k.startswith(("tile[", "train["))} == {
+        "tile[0]", "tile[1]", "tile[2]", "train[0]", "train[1]"}
+    storage = scenario.storage
+    after = scenario.snapshots["cycle1"]
+    catalog = sorted({k.split("/")[3] for k in after if k.startswith("catalog/vehicle/scenes/")})
+    assert catalog == ["region-a-s0", "region-a-s1", "region-a-s2"]
+    # The planted bad drop is quarantined whole, byte for byte, with its reason.
+    quarantine = storage / "quarantine" / "vehicle" / "bad"
+    reason = json.loads((quarantine / "reason.json").read_text())
+    assert any("boat" in p["problem"] for p in reason["problems"])
+    for name, data in scenario.bad_drop.items():
+        assert (quarantine / name).read_bytes() == data
+    assert not [k for k in after if k.startswith("incoming/")]  # both drops left incoming
+
+    report = scenario.report("cycle1")
+    assert report["status"] == "promoted"
+    assert report["ingest"]["cataloged"] == 1 and report["ingest"]["quarantined"] == 1
+    assert len(report["tiles"]) == 3 and all(t["tiles_written"] > 0 for t in report["tiles"])
+    assert report["mine"]["skipped"].startswith("no champion yet")
+    assert set(report["evaluation"]["candidates"]) == {"a", "b"}
+    assert "vegetated" in report["evaluation"]["candidates"]["a"]["regions"]
+    promoted = report["promotion"]["promoted_version"]
+    assert promoted in {"1", "2"}
+    assert f"Promotion: v{promoted}; champion is v{promoted}." in scenario.markdown["cycle1"]
+    versions = [v for v in _registry(scenario).list_versions()
+                if v.tags["cycle_id"] == run.cycle_id]
+    assert [v.version for v in versions] == ["1", "2"]
+    assert {v.tags["candidate"] for v in versions} == {"a", "b"}
+    assert _registry(scenario).champion().version == promoted  # cycle 2 kept it
+    datasets = {k.split("/")[2] for k in after if k.startswith("datasets/vehicle/ds-")}
+    assert len(datasets) == 1
+    assert f"datasets/vehicle/{datasets.pop()}/data.yaml" in after
+
+
+@pytest.mark.slow
+def test_promotion_updates_the_champion_asset(scenario: Scenario) -> None:
+    assert scenario.states["cycle1"]["publish_champion"] == "success"
+    assert scenario.states["cycle2"]["publish_champion"] == "skipped"
+    rows = _query(scenario.stack, "SELECT e.extra FROM asset_event e JOIN asset a ON "
+                  "a.id = e.asset_id WHERE a.uri = 'x-autoretrain://vehicle/champion'")
+    assert len(rows) == 1  # one promotion, one event: not on the re-run, not in cycle 2
+    extra = rows[0][0] if isinstance(rows[0][0], dict) else json.loads(rows[0][0])
+    assert extra["version"] == scenario.report("cycle1")["promotion"]["promoted_version"]
+
+
+@pytest.mark.slow
+def test_train_and_register_tasks_link_to_mlflow(scenario: Scenario) -> None:
+    from mlflow import MlflowClient
+
+    links = scenario.links["cycle1"]
+    assert set(links) == {("train", 0), ("train", 1), ("register_and_promote", -1)}
+    client = MlflowClient(scenario.stack.tracking_uri)
+    for version in _registry(scenario).list_versions()[:2]:
+        index = 0 if version.tags["candidate"] == "a" else 1
+        experiment = client.get_run(version.run_id).info.experiment_id
+        assert links[("train", index)] == (f"http://127.0.0.1:5000/#/experiments/{experiment}"
+                                           f"/runs/{version.run_id}")
+    promoted = scenario.report("cycle1")["promotion"]["promoted_version"]
+    assert links[("register_and_promote", -1)] == (
+        f"http://127.0.0.1:5000/#/models/autoretrain-vehicle/versions/{promoted}")
+    # A re-run that reuses the trained candidates links to the same runs.
+    assert {k: v for k, v in scenario.links["rerun"].items() if k[0] == "train"} == {
+        k: v for k, v in links.items() if k[0] == "train"}
+
+
+@pytest.mark.slow
+def test_rerun_of_the_same_logical_date_duplicates_nothing(scenario: Scenario) -> None:
+    first, again = scenario.runs["cycle1"], scenario.runs["rerun"]
+    assert again.state == "success", again.log
+    assert again.cycle_id == first.cycle_id == "2025-06-01T00-00-00Z"
+    # Same catalog, chips, datasets and quarantine: same files, not even rewritten.
+    assert scenario.snapshots["rerun"] == scenario.snapshots["cycle1"]
+    assert [v.version for v in _registry(scenario).list_versions()
+            if v.tags["cycle_id"] == first.cycle_id] == ["1", "2"]
+    report = scenario.report("rerun")
+    assert report["check"]["reason"] == "forced by the run's params"
+    assert report["ingest"]["cataloged"] == 0
+    assert all(t["reused"] for t in report["tiles"])
+    assert report["dataset"]["reused"] is True
+    assert all(t["reused"] for t in report["trained"])
+    assert report["promotion"]["reused"] is True and report["status"] == "completed"
+    assert scenario.states["rerun"]["publish_champion"] == "skipped"
+
+
+@pytest.mark.slow
+def test_run_without_new_data_is_skipped_and_says_why(scenario: Scenario) -> None:
+    run = scenario.runs["nodata"]
+    assert run.state == "success", run.log  # skipped runs do not fail
+    assert set(scenario.states["nodata"].values()) == {"skipped"}
+    report = scenario.report("nodata")
+    assert report["status"] == "skipped"
+    assert report["check"]["reason"].startswith("only 0 new annotations (< 5)")
+    assert "only 0 new annotations" in run.log.read_text()
+    assert scenario.snapshots["nodata"] == scenario.snapshots["rerun"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_cycle_without_new_data_keeps_its_report(
+        scenario: Scenario) -> None:
+    run = scenario.runs["again"]
+    assert run.state == "success", run.log
+    assert set(scenario.states["again"].values()) == {"skipped"}
+    assert scenario.report("again") == scenario.report("rerun")  # not overwritten
+    assert scenario.snapshots["again"] == scenario.snapshots["nodata"]
+
+
+@pytest.mark.slow
+def test_detect_dag_writes_predictions_for_dropped_scenes(scenario: Scenario) -> None:
+    run = scenario.runs["detect"]
+    assert run.state == "success", run.log
+    assert scenario.states["detect"] == {
+        "waiting_scenes": "success", "serving_model": "success", "detect_scene[0]": "success",
+        "detect_scene[1]": "success", "detect_scene[2]": "success"}
+    champion = scenario.report("cycle1")["promotion"]["promoted_version"]
+    folder = scenario.storage / "predictions" / "vehicle" / champion
+    for scene in ("s0", "s1", "s2"):
+        doc = json.loads((folder / f"{scene}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and "crs" in doc
+        assert {f["properties"]["model_version"] for f in doc["features"]} <= {champion}
+        assert (scenario.storage / "inference" / "done" / "vehicle" / f"{scene}.tif").exists()
+    assert len(list((folder / "by-sha256").glob("*.json"))) == 3
+    assert not list((scenario.storage / "inference" / "incoming").rglob("*.tif"))
+
+
+@pytest.mark.slow
+def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scenario) -> None:
+    run = scenario.runs["cycle2"]
+    assert run.state == "success", run.log
+    states = scenario.states["cycle2"]
+    assert [k for k in states if k.startswith("train")] == ["train[0]"]  # params: candidate a
+    report = scenario.report("cycle2")
+    champion = scenario.report("cycle1")["promotion"]["promoted_version"]
+    assert report["status"] == "completed"
+    # The two new arid training scenes (the third joined the frozen test set) were mined with
+    # the predictions the detect DAG stored before they were annotated.
+    mined = report["mine"]
+    assert mined["model_version"] == champion and len(mined["scenes"]) == 2
+    assert all(s.startswith("region-b-") for s in mined["scenes"])
+    log = run.log.read_text()
+    assert log.count(f"with stored predictions of v{champion}") == 2
+    assert "detecting now" not in log
+    assert (scenario.storage / "hard" / "vehicle" / run.cycle_id / "manifest.json").exists()
+    [trained] = report["trained"]
+    assert trained["candidate"] == "a" and trained["epochs_run"] == 1
+    assert trained["parent_version"] == champion  # warm start from the champion
+    evaluation = report["evaluation"]
+    assert evaluation["champion"]["version"] == champion
+    assert set(evaluation["candidates"]["a"]["regions"]) == {"vegetated", "arid"}
+    decision = report["promotion"]["decisions"]["3"]
+    assert decision["promote"] is False and "required 1.0000" in decision["reason"]
+    versions = _registry(scenario).list_versions()
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert versions[2].tags["decision"] == "rejected" and versions[2].parent == champion
+    assert _registry(scenario).champion().version == champion
+    datasets = [p for p in (scenario.storage / "datasets" / "vehicle").iterdir() if p.is_dir()]
+    assert len(datasets) == 2
+
+
+@pytest.mark.slow
+def test_airflow_lists_no_import_errors(scenario: Scenario) -> None:
+    stack = scenario.stack
+    stack.airflow("dags", "reserialize")
+    assert _json_output(stack.airflow("dags", "list-import-errors", "-o", "json").stdout) == []
+    listed = _json_output(stack.airflow("dags", "list", "-o", "json").stdout)
+    assert {d["dag_id"] for d in listed} == {"retrain_vehicle", "detect_vehicle"}
+

@@ -1,0 +1,216 @@
+"""Ingest: good drops reach the catalog, bad ones quarantine with reasons, nothing is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.core.storage import LocalStorage, Storage, open_storage
+from retrain_lib.devtools.synthetic import SceneSpec, make_drop
+from retrain_lib.stages.ingest import (
+    count_pending_annotations,
+    ingest_drop,
+    ingest_drops,
+    list_catalog_scenes,
+    list_drops,
+)
+
+CFG = ObjectTypeConfig(name="vehicle", classes=["car", "truck"],
+                       class_aliases={"lorry": "truck"})
+
+
+def drop_locally(tmp_path: Path, drop_id: str, seed: int = 0, n: int = 1, **spec: object
+                 ) -> Path:
+    folder = tmp_path / "src" / drop_id
+    make_drop(folder, [SceneSpec(scene_id=f"s{i}", width=256, height=256, objects_per_class=3,
+                                 decoys=1, seed=seed * 10 + i, **spec) for i in range(n)])
+    return folder
+
+
+def upload(storage: Storage, folder: Path, drop_id: str) -> None:
+    for path in sorted(folder.iterdir()):
+        storage.put_file(path, f"incoming/vehicle/{drop_id}/{path.name}")
+
+
+@pytest.fixture()
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "root")
+
+
+def test_good_drop_is_cataloged_then_removed_from_incoming(storage: LocalStorage,
+                                                           tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "d1", n=2)
+    (folder / "drop.json").write_text(json.dumps({"region": "vegetated", "source": "test"}))
+    upload(storage, folder, "d1")
+    assert count_pending_annotations(storage, "vehicle") == {"d1": 12}
+
+    outcome = ingest_drop(storage, CFG, "d1")
+    assert outcome.status == "cataloged", outcome.problems
+    assert outcome.scene_ids == ("d1-s0", "d1-s1")
+    assert outcome.annotations == 12
+    assert list_drops(storage, "vehicle") == []
+    manifests = list_catalog_scenes(storage, "vehicle")
+    assert [m["scene_id"] for m in manifests] == ["d1-s0", "d1-s1"]
+    first = manifests[0]
+    assert first["region"] == "vegetated" and first["crs"] == "EPSG:32633"
+    assert first["objects_per_class"] == {"car": 3, "truck": 3}
+    for name in ("scene.tif", "annotations.geojson", "manifest.json"):
+        assert storage.exists(f"catalog/vehicle/scenes/d1-s0/{name}")
+    labels = json.loads(storage.get_bytes("catalog/vehicle/scenes/d1-s0/annotations.geojson"))
+    assert {f["properties"]["class"] for f in labels["features"]} == {"car", "truck"}
+
+
+def test_annotations_in_wgs84_and_aliases_are_normalised(storage: LocalStorage,
+                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "src" / "d2"
+    make_drop(folder, [SceneSpec(scene_id="s", width=256, height=256, objects_per_class=2,
+                                 decoys=0)], annotations_epsg=4326)
+    doc = json.loads((folder / "s.geojson").read_text())
+    for feature in doc["features"]:
+        if feature["properties"]["class"] == "truck":
+            feature["properties"]["class"] = "Lorry"
+    (folder / "s.geojson").write_text(json.dumps(doc))
+    upload(storage, folder, "d2")
+    outcome = ingest_drop(storage, CFG, "d2")
+    assert outcome.status == "cataloged", outcome.problems
+    labels = json.loads(storage.get_bytes("catalog/vehicle/scenes/d2-s/annotations.geojson"))
+    assert "32633" in labels["crs"]["properties"]["name"]
+    assert sorted(f["properties"]["class"] for f in labels["features"]) == [
+        "car", "car", "truck", "truck"]
+
+
+def quarantined(storage: Storage, drop_id: str) -> dict:
+    return storage.get_json(f"quarantine/vehicle/{drop_id}/reason.json")
+
+
+def test_unknown_class_quarantines_the_whole_drop(storage: LocalStorage,
+                                                  tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "bad", n=2)
+    doc = json.loads((folder / "s1.geojson").read_text())
+    doc["features"][0]["properties"]["class"] = "tank"
+    (folder / "s1.geojson").write_text(json.dumps(doc))
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    upload(storage, folder, "bad")
+
+    outcome = ingest_drop(storage, CFG, "bad")
+    assert outcome.status == "quarantined"
+    reason = quarantined(storage, "bad")
+    assert reason["problems"][0]["file"] == "s1.geojson"
+    assert "unknown class 'tank'" in reason["problems"][0]["problem"]
+    assert "feature 0" in reason["problems"][0]["problem"]
+    # Untouched, complete, and gone from incoming; nothing reached the catalog.
+    for name, data in originals.items():
+        assert storage.get_bytes(f"quarantine/vehicle/bad/{name}") == data
+    assert list_drops(storage, "vehicle") == []
+    assert list_catalog_scenes(storage, "vehicle") == []
+
+
+@pytest.mark.parametrize("breakage, file, expected", [
+    ("no_labels", "s0.tif", "no annotation file"),
+    ("orphan_labels", "s9.geojson", "annotations without a scene"),
+    ("corrupt_raster", "s0.tif", "cannot open as a raster"),
+    ("not_json", "s0.geojson", "not valid JSON"),
+    ("outside", "s0.geojson", "overlaps scene"),
+    ("stray_file", "notes.docx", "unexpected file"),
+    ("bad_metadata", "drop.json", "unknown key(s) regoin"),
+])
+def test_each_bad_input_has_a_reason(storage: LocalStorage, tmp_path: Path, breakage: str,
+                                     file: str, expected: str) -> None:
+    folder = drop_locally(tmp_path, "x")
+    if breakage == "no_labels":
+        (folder / "s0.geojson").unlink()
+    elif breakage == "orphan_labels":
+        (folder / "s9.geojson").write_text('{"type":"FeatureCollection","features":[]}')
+    elif breakage == "corrupt_raster":
+        (folder / "s0.tif").write_bytes(b"II*\x00garbage" * 10)
+    elif breakage == "not_json":
+        (folder / "s0.geojson").write_text("{not json")
+    elif breakage == "outside":
+        doc = json.loads((folder / "s0.geojson").read_text())
+        for feature in doc["features"]:
+            ring = feature["geometry"]["coordinates"][0]
+            feature["geometry"]["coordinates"][0] = [[x + 1e6, y] for x, y in ring]
+        (folder / "s0.geojson").write_text(json.dumps(doc))
+    elif breakage == "stray_file":
+        (folder / "notes.docx").write_bytes(b"x")
+    elif breakage == "bad_metadata":
+        (folder / "drop.json").write_text('{"regoin": "arid"}')
+    upload(storage, folder, "x")
+    outcome = ingest_drop(storage, CFG, "x")
+    assert outcome.status == "quarantined"
+    problems = quarantined(storage, "x")["problems"]
+    assert any(p["file"] == file and expected in p["problem"] for p in problems), problems
+    assert list_drops(storage, "vehicle") == []
+
+
+def test_empty_annotation_file_is_a_scene_without_objects(storage: LocalStorage,
+                                                          tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "e")
+    (folder / "s0.geojson").write_text('{"type":"FeatureCollection","features":[]}')
+    upload(storage, folder, "e")
+    outcome = ingest_drop(storage, CFG, "e")
+    assert outcome.status == "cataloged"
+    assert outcome.annotations == 0
+
+
+def test_rerun_after_a_crash_neither_loses_nor_duplicates(storage: LocalStorage,
+                                                          tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "d1")
+    upload(storage, folder, "d1")
+    # Simulate a crash after cataloging but before incoming was cleaned up.
+    ingest_drop(storage, CFG, "d1")
+    upload(storage, folder, "d1")
+    outcome = ingest_drop(storage, CFG, "d1")
+    assert outcome.status == "cataloged"
+    assert [m["scene_id"] for m in list_catalog_scenes(storage, "vehicle")] == ["d1-s0"]
+    assert list_drops(storage, "vehicle") == []
+
+
+def test_same_pixels_in_a_new_drop_are_quarantined_as_duplicate(storage: LocalStorage,
+                                                                tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "d1")
+    upload(storage, folder, "d1")
+    upload(storage, folder, "d2")
+    report = ingest_drops(storage, CFG)
+    assert [o.status for o in report.outcomes] == ["cataloged", "quarantined"]
+    assert "same pixels as cataloged scene d1-s0" in report.outcomes[1].problems[0].problem
+
+
+def test_requarantine_of_a_reused_drop_id_keeps_the_first_reason(storage: LocalStorage,
+                                                                 tmp_path: Path) -> None:
+    folder = drop_locally(tmp_path, "b")
+    (folder / "s0.geojson").unlink()
+    upload(storage, folder, "b")
+    ingest_drop(storage, CFG, "b")
+    upload(storage, folder, "b")
+    second = ingest_drop(storage, CFG, "b")
+    assert second.location.endswith("quarantine/vehicle/b-2")
+    assert storage.exists("quarantine/vehicle/b/reason.json")
+    assert storage.exists("quarantine/vehicle/b-2/reason.json")
+
+
+def test_report_counts(storage: LocalStorage, tmp_path: Path) -> None:
+    upload(storage, drop_locally(tmp_path, "a", seed=1), "a")
+    bad = drop_locally(tmp_path, "b", seed=2)
+    (bad / "s0.geojson").unlink()
+    upload(storage, bad, "b")
+    report = ingest_drops(storage, CFG)
+    summary = report.to_dict()
+    assert summary["cataloged"] == 1 and summary["quarantined"] == 1
+    assert summary["scene_ids"] == ["a-s0"] and summary["new_annotations"] == 6
+
+
+def test_ingest_over_s3(s3_bucket: str, tmp_path: Path) -> None:
+    storage = open_storage(f"s3://{s3_bucket}/root")
+    upload(storage, drop_locally(tmp_path, "d1"), "d1")
+    bad = drop_locally(tmp_path, "d2", seed=3)
+    (bad / "s0.tif").unlink()
+    upload(storage, bad, "d2")
+    report = ingest_drops(storage, CFG)
+    assert [o.status for o in report.outcomes] == ["cataloged", "quarantined"]
+    assert storage.list("incoming/vehicle") == []
+    assert storage.exists("catalog/vehicle/scenes/d1-s0/manifest.json")
+    assert storage.exists("quarantine/vehicle/d2/s0.geojson")
