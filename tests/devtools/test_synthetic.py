@@ -116,15 +116,16 @@ def test_same_seed_same_scene_other_seed_differs(tmp_path: Path) -> None:
 def test_blocks_render_the_same_in_any_order(tmp_path: Path) -> None:
     from shapely import STRtree
 
-    from retrain_lib.devtools import synthetic
+    from retrain_lib.devtools.synthetic_plan import plan_placements
+    from retrain_lib.devtools.synthetic_render import render_block, salts
 
     spec = small_spec(width=1100, height=600, objects_per_class=10)
     whole = read(write_scene(tmp_path / "w.tif", spec).path)
-    placements = [p for _, p in synthetic._plan(spec)]
+    placements = [p for _, p in plan_placements(spec)]
     tree = STRtree([box(*p.footprint()) for p in placements])
-    salts = synthetic._salts(spec.seed)
+    block_salts = salts(spec.seed)
     for brow, bcol in [(1, 2), (0, 1), (1, 0), (0, 0)]:  # not the writing order
-        block = synthetic._render_block(spec, placements, tree, salts, 512, brow, bcol)
+        block = render_block(spec, placements, tree, block_salts, 512, brow, bcol)
         rows, cols = block.shape[1:]
         expected = whole[:, brow * 512:brow * 512 + rows, bcol * 512:bcol * 512 + cols]
         assert np.array_equal(block, expected)
