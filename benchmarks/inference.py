@@ -338,7 +338,7 @@ def score(info: dict[str, Any], truth_path: Path, scene: Path) -> dict[str, Any]
     metrics = evaluate_scenes([scene_input], list(CLASSES), conf_threshold=CONF)
     return {"map50_95": metrics.map50_95, "map50": metrics.map50,
             "precision": metrics.precision, "recall": metrics.recall,
-            "detections": metrics.n_pred_total}
+            "detections": metrics.counts.pred_total}
 
 
 def machine() -> str:

@@ -61,12 +61,12 @@ def run_stage(stage: Callable[..., Any], cfg: ObjectTypeConfig, *args: Any,
     """``stage(cfg, cycle_settings(), *args, **kwargs)`` inside :func:`retrain_errors`; a
     typed result (or a list of them) comes back as JSON for XCom."""
     from retrain_lib.airflow.hooks import cycle_settings
-    from retrain_lib.cycle.results import StageResult
+    from retrain_lib.core.records import Record
 
     with retrain_errors():
         result = stage(cfg, cycle_settings(), *args, **kwargs)
-    if isinstance(result, StageResult):
+    if isinstance(result, Record):
         return result.to_json()
     if isinstance(result, list):
-        return [r.to_json() if isinstance(r, StageResult) else r for r in result]
+        return [r.to_json() if isinstance(r, Record) else r for r in result]
     return result

@@ -145,14 +145,14 @@ def evaluate_command(
         return "-" if value is None else f"{value:.3f}"
 
     table = Table("class", "mAP50-95", "mAP50", f"P@{conf:g}", f"R@{conf:g}", "truth",
-                  "pred", title=f"{metrics.n_scenes} scene(s), IoU {iou:g} -> {out}",
+                  "pred", title=f"{metrics.counts.scenes} scene(s), IoU {iou:g} -> {out}",
                   title_justify="left")
     for name, values in metrics.per_class.items():
         table.add_row(name, cell(values["map50_95"]), cell(values["map50"]),
                       cell(values["precision"]), cell(values["recall"]),
                       str(values["n_truth"]), str(values["n_pred"]))
     table.add_row("all", cell(metrics.map50_95), cell(metrics.map50), cell(metrics.precision),
-                  cell(metrics.recall), str(metrics.n_truth), str(metrics.n_pred),
+                  cell(metrics.recall), str(metrics.counts.truth), str(metrics.counts.pred),
                   style="bold")
     console.print(table)
     console.print(f"mAP75 {cell(metrics.map75)}  small {cell(metrics.map_small)}  medium "

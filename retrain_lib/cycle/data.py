@@ -143,5 +143,5 @@ def assemble(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str
                                parent_version=load_state(storage, cfg.name).last_dataset_version
                                or "")
     return AssembledDataset.model_validate({
-        **version.to_dict(), "url": storage.url(version.prefix),
+        **version.to_json(), "url": storage.url(version.prefix),
         "scene_ids": sorted(scene_shards), "hard_shards": len(hard)})

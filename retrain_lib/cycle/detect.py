@@ -33,8 +33,8 @@ from retrain_lib.core.layout import (
     predictions_index_key,
     predictions_key,
 )
+from retrain_lib.core.records import Record
 from retrain_lib.cycle.champion import registry, version_uri
-from retrain_lib.cycle.results import StageResult
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.stages.inference import (
     DetectOptions,
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 SCENE_SUFFIXES = (".tif", ".tiff")
 
 
-class ServingModel(StageResult):
+class ServingModel(Record):
     """The champion a detect run serves, pinned by version."""
 
     model_name: str
@@ -64,7 +64,7 @@ class ServingModel(StageResult):
     model_uri: str
 
 
-class SceneDetected(StageResult):
+class SceneDetected(Record):
     """What the detect stage did with one waiting scene."""
 
     scene_id: str

@@ -91,7 +91,7 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
         scratch=str(settings.scratch_dir("train")))
     result = run_training(request, cfg.runner, environment=settings.training_environment())
     trained = TrainedCandidate.model_validate({
-        **result.to_dict(), "candidate": candidate, "parent_version": parent,
+        **result.to_json(), "candidate": candidate, "parent_version": parent,
         "weights": weights})
     storage.put_json(result_key, trained.to_json())
     return trained
@@ -177,7 +177,7 @@ def register_and_promote(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_i
     candidates = []
     versions = {}
     for item in trained:
-        scores = evaluation.candidates[item.candidate].scalars()
+        scores = evaluation.candidates[item.candidate].headline()
         version = models.register_candidate(
             item.mlflow_run_id, metrics=scores, dataset_version=dataset.version,
             parent_version=item.parent_version, cycle_id=cycle_id, code_version=__version__,
@@ -197,7 +197,7 @@ def register_and_promote(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_i
             champion_version=current.version, decisions={
                 v: GateRecord(promote=t.get("decision") == "promoted",
                               reason=t.get("decision_reason", "")) for v, t in tags.items()})
-    outcome = models.promote_if_better(candidates, scored.metrics.scalars() if scored else None,
+    outcome = models.promote_if_better(candidates, scored.metrics.headline() if scored else None,
                                        cfg.promotion)
     new = models.champion()
     return PromotionResult(

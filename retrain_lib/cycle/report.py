@@ -62,7 +62,7 @@ def report_markdown(report: CycleReport) -> str:
             rows.append((f"champion v{report.evaluation.champion.version}",
                          report.evaluation.champion.metrics))
         for name, scores in rows:
-            values = scores.scalars()
+            values = scores.headline()
             lines.append(f"| {name} | " + " | ".join(
                 "-" if values[k] is None else f"{values[k]:.4f}" for k in _HEADLINE) + " |")
     if report.promotion:

@@ -32,13 +32,16 @@ import json
 import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+from pydantic import Field
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import InputError
 from retrain_lib.core.layout import SHARD_INDEX, dataset_prefix, join_key, scene_splits_key
+from retrain_lib.core.records import Record
 from retrain_lib.core.storage import Storage
 
 __all__ = [
@@ -155,9 +158,8 @@ def read_shard_chips(storage: Storage, shard_prefix: str, *, region: str = "",
     return chips
 
 
-@dataclass(frozen=True)
-class DatasetVersion:
-    """An assembled dataset version."""
+class DatasetVersion(Record):
+    """An assembled dataset version (its card is left out of the JSON form)."""
 
     object_type: str
     version: str
@@ -165,16 +167,9 @@ class DatasetVersion:
     data_yaml_key: str
     train_images: int
     val_images: int
-    test_scenes: tuple[str, ...]
-    card: Mapping[str, Any] = field(default_factory=dict)
+    test_scenes: list[str]
     reused: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what the cycle report records)."""
-        return {"object_type": self.object_type, "version": self.version,
-                "prefix": self.prefix, "data_yaml_key": self.data_yaml_key,
-                "train_images": self.train_images, "val_images": self.val_images,
-                "test_scenes": list(self.test_scenes), "reused": self.reused}
+    card: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
 def _repeat_factors(chips: Sequence[ChipRef], classes: Sequence[str], cap: float,
@@ -358,8 +353,10 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
     data_key = join_key(prefix, "data.yaml")
     if storage.exists(data_key):
         card = storage.get_json(join_key(prefix, "card.json"))
-        return DatasetVersion(cfg.name, version, prefix, data_key, len(train_entries), len(val),
-                              tuple(test_scenes), card, reused=True)
+        return DatasetVersion(object_type=cfg.name, version=version, prefix=prefix,
+                              data_yaml_key=data_key, train_images=len(train_entries),
+                              val_images=len(val), test_scenes=test_scenes, card=card,
+                              reused=True)
     test_regions = Counter(splits[s].region for s in test_scenes)
     unique = list({(c.image_key, c.source): c for c in train_entries}.values())
     card = {
@@ -395,5 +392,7 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
         "train": "train.txt", "val": "val.txt", "nc": len(classes),
         "names": dict(enumerate(classes)),
     }, sort_keys=False).encode())
-    return DatasetVersion(cfg.name, version, prefix, data_key, len(train_entries), len(val),
-                          tuple(test_scenes), card)
+    return DatasetVersion(object_type=cfg.name, version=version, prefix=prefix,
+                          data_yaml_key=data_key, train_images=len(train_entries),
+                          val_images=len(val), test_scenes=test_scenes, card=card,
+                          reused=False)

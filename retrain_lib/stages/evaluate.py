@@ -33,22 +33,26 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from retrain_lib.core.classes import ClassMapper
 from retrain_lib.core.errors import InputError
+from retrain_lib.core.records import Record
 from retrain_lib.geo.annotations import SceneBoxes, read_scene_boxes
 from retrain_lib.geo.boxes import as_boxes, as_vector, match_detections, overlapping_pairs
 from retrain_lib.geo.crs import crs_name, to_crs
 from retrain_lib.geo.raster import inspect_scene
 
 __all__ = [
+    "DEFAULT_AREA_RANGES",
     "AreaRanges",
+    "MatchCounts",
     "Metrics",
     "SceneEvalInput",
     "evaluate_files",
@@ -95,8 +99,7 @@ class SceneEvalInput:
             self.truth_classes, len(truth), np.int64, f"{where}: truth_classes"))
 
 
-@dataclass(frozen=True)
-class AreaRanges:
+class AreaRanges(Record):
     """Object size bins for AP small/medium/large, by box area in scene pixels.
 
     COCO's bins (32² and 96² px) suit photos; overhead objects are far smaller: a car at
@@ -111,10 +114,12 @@ class AreaRanges:
     small_max_px: float = 16.0**2
     medium_max_px: float = 48.0**2
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
         if not 0 < self.small_max_px < self.medium_max_px:
             raise ValueError(f"area ranges: need 0 < small_max_px < medium_max_px, got "
                              f"{self.small_max_px} and {self.medium_max_px}")
+        return self
 
     def coco(self) -> list[list[float]]:
         """pycocotools ``areaRng``: all, small, medium, large."""
@@ -122,15 +127,31 @@ class AreaRanges:
                 [self.medium_max_px, 1e10]]
 
 
+DEFAULT_AREA_RANGES = AreaRanges()
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 6)
+def _round(value: float | int | None) -> float | int | None:
+    return round(value, 6) if isinstance(value, float) else value
 
 
-@dataclass(frozen=True)
-class Metrics:
+class MatchCounts(Record):
+    """Counts at the operating point (``conf_threshold``, ``iou_threshold``)."""
+
+    scenes: int
+    truth: int
+    pred: int
+    """Predictions at or above ``conf_threshold``."""
+    pred_total: int
+    """All predictions (the COCO metrics use them all)."""
+    tp: int
+    fp: int
+    fn: int
+
+
+class Metrics(Record):
     """Scores of a model on a set of scenes. ``None`` marks an undefined value (see module).
 
     Attributes:
@@ -144,17 +165,11 @@ class Metrics:
         recall: TP / (TP + FN) at the same operating point.
         per_class: Class name -> ``{map50_95, map50, precision, recall, n_truth, n_pred, tp,
             fp, fn}``.
-        n_scenes: Scenes evaluated.
-        n_truth: Truth objects.
-        n_pred: Predictions at or above ``conf_threshold``.
-        n_pred_total: All predictions (used by the COCO metrics).
-        tp: Matches at the operating point.
-        fp: Unmatched predictions at the operating point.
-        fn: Missed truth objects at the operating point.
+        counts: Scenes, objects and matches at the operating point.
         iou_threshold: IoU of the operating point.
         conf_threshold: Confidence of the operating point.
         area_ranges: Size bins used, ``None`` when boxes were not in pixels.
-        class_names: Classes, in index order.
+        classes: Classes, in index order.
         notes: What the evaluation did that a reader should know (e.g. reprojections).
     """
 
@@ -166,40 +181,28 @@ class Metrics:
     map_large: float | None
     precision: float | None
     recall: float | None
-    per_class: Mapping[str, Mapping[str, float | int | None]]
-    n_scenes: int
-    n_truth: int
-    n_pred: int
-    n_pred_total: int
-    tp: int
-    fp: int
-    fn: int
+    per_class: dict[str, dict[str, float | int | None]]
+    counts: MatchCounts
     iou_threshold: float
     conf_threshold: float
-    area_ranges: AreaRanges | None = field(default_factory=AreaRanges)
-    class_names: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
+    area_ranges: AreaRanges | None
+    classes: list[str]
+    notes: list[str] = Field(default_factory=list)
+
+    def headline(self) -> dict[str, float | None]:
+        """The metrics promotion may compare on, by name."""
+        return {name: getattr(self, name) for name in (
+            "map50_95", "map50", "map75", "map_small", "map_medium", "map_large",
+            "precision", "recall")}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready mapping with the keys promotion reads (``map50_95``, ``map50``...)."""
-        ranges = None if self.area_ranges is None else {
-            "small_max_px": self.area_ranges.small_max_px,
-            "medium_max_px": self.area_ranges.medium_max_px}
-        return {
-            "map50_95": _round(self.map50_95), "map50": _round(self.map50),
-            "map75": _round(self.map75), "map_small": _round(self.map_small),
-            "map_medium": _round(self.map_medium), "map_large": _round(self.map_large),
-            "precision": _round(self.precision), "recall": _round(self.recall),
-            "per_class": {name: {k: (_round(v) if isinstance(v, float) else v)
-                                 for k, v in values.items()}
-                          for name, values in self.per_class.items()},
-            "counts": {"scenes": self.n_scenes, "truth": self.n_truth, "pred": self.n_pred,
-                       "pred_total": self.n_pred_total, "tp": self.tp, "fp": self.fp,
-                       "fn": self.fn},
-            "iou_threshold": self.iou_threshold, "conf_threshold": self.conf_threshold,
-            "area_ranges": ranges, "classes": list(self.class_names),
-            "notes": list(self.notes),
-        }
+        """The JSON form, values rounded to 6 decimals (what reports and files record)."""
+        data = self.to_json()
+        for name in self.headline():
+            data[name] = _round(data[name])
+        data["per_class"] = {name: {k: _round(v) for k, v in values.items()}
+                             for name, values in data["per_class"].items()}
+        return data
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -296,7 +299,7 @@ def _mean_defined(values: np.ndarray) -> float | None:
 
 def evaluate_scenes(scenes: Sequence[SceneEvalInput], class_names: Sequence[str], *,
                     iou_threshold: float = 0.5, conf_threshold: float = 0.25,
-                    area_ranges: AreaRanges | None = AreaRanges()) -> Metrics:
+                    area_ranges: AreaRanges | None = DEFAULT_AREA_RANGES) -> Metrics:
     """Score scenes as one COCO dataset and at one operating point.
 
     The COCO metrics use every prediction (run detection with a low confidence for them);
@@ -366,10 +369,11 @@ def evaluate_scenes(scenes: Sequence[SceneEvalInput], class_names: Sequence[str]
         map75=_mean_defined(precision[at75, :, :, 0]),
         map_small=size_ap[0], map_medium=size_ap[1], map_large=size_ap[2],
         precision=_precision(tp, n_pred, n_truth), recall=_ratio(tp, n_truth),
-        per_class=per_class, n_scenes=len(scenes), n_truth=n_truth, n_pred=n_pred,
-        n_pred_total=n_pred_total, tp=tp, fp=fp, fn=fn, iou_threshold=float(iou_threshold),
-        conf_threshold=float(conf_threshold), area_ranges=area_ranges,
-        class_names=tuple(class_names))
+        per_class=per_class,
+        counts=MatchCounts(scenes=len(scenes), truth=n_truth, pred=n_pred,
+                           pred_total=n_pred_total, tp=tp, fp=fp, fn=fn),
+        iou_threshold=float(iou_threshold), conf_threshold=float(conf_threshold),
+        area_ranges=area_ranges, classes=list(class_names), notes=[])
 
 
 # ----------------------------------------------------------------------------- files
@@ -381,7 +385,7 @@ def evaluate_files(pred_paths: Sequence[str | os.PathLike[str]],
                    scene_paths: Sequence[str | os.PathLike[str]] | None = None, *,
                    class_names: Sequence[str] | None = None, iou_threshold: float = 0.5,
                    conf_threshold: float = 0.25,
-                   area_ranges: AreaRanges = AreaRanges()) -> Metrics:
+                   area_ranges: AreaRanges = DEFAULT_AREA_RANGES) -> Metrics:
     """Evaluate prediction GeoJSON files against truth GeoJSON files, paired by position.
 
     With scenes, boxes are compared in each scene's pixels (truth and predictions are first
@@ -453,7 +457,7 @@ def evaluate_files(pred_paths: Sequence[str | os.PathLike[str]],
     metrics = evaluate_scenes(scenes, class_names, iou_threshold=iou_threshold,
                               conf_threshold=conf_threshold,
                               area_ranges=area_ranges if scene_paths is not None else None)
-    return replace(metrics, notes=(*metrics.notes, *notes))
+    return metrics.model_copy(update={"notes": [*metrics.notes, *notes]})
 
 
 def _infer_classes(read: Sequence[tuple[SceneBoxes, SceneBoxes, str]]) -> list[str]:

@@ -29,6 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import InputError, RetrainError
 from retrain_lib.core.io import file_sha256, safe_id
@@ -60,20 +63,21 @@ DROP_METADATA = "drop.json"
 DROP_METADATA_KEYS = frozenset({"region", "source", "notes"})
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Problem:
-    """One reason a drop was rejected."""
+    """One reason a drop was rejected: the file in the drop, and what is wrong with it."""
 
     file: str
     problem: str
 
     def to_dict(self) -> dict[str, str]:
+        """The JSON form, as reason.json records it."""
         return {"file": self.file, "problem": self.problem}
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class DropOutcome:
-    """What happened to one drop."""
+    """What happened to one drop (also what a cycle's report records of it)."""
 
     drop_id: str
     status: Literal["cataloged", "quarantined"]
@@ -84,6 +88,7 @@ class DropOutcome:
     location: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
         return {"drop_id": self.drop_id, "status": self.status,
                 "scene_ids": list(self.scene_ids), "annotations": self.annotations,
                 "problems": [p.to_dict() for p in self.problems], "notes": list(self.notes),

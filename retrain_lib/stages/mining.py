@@ -22,7 +22,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ import shapely
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.io import atomic_write_text
+from retrain_lib.core.records import Record
 from retrain_lib.geo.annotations import read_scene_boxes
 from retrain_lib.geo.boxes import match_detections
 from retrain_lib.geo.crs import WGS84, reproject_geometries
@@ -50,8 +51,7 @@ __all__ = [
 Reason = Literal["false_positive", "false_negative"]
 
 
-@dataclass(frozen=True)
-class HardExample:
+class HardExample(Record):
     """One mistake of the champion, and the chip that teaches it."""
 
     scene_id: str
@@ -62,7 +62,8 @@ class HardExample:
     box_px: tuple[float, float, float, float]
     center_map: tuple[float, float]
     center_lonlat: tuple[float, float]
-    window: tuple[int, int, int, int]  # col_off, row_off, width, height
+    window: tuple[int, int, int, int]
+    """``col_off, row_off, width, height`` of the chip."""
     crs: str
 
     @property
@@ -70,10 +71,6 @@ class HardExample:
         """Area of the box in pixels²."""
         x0, y0, x1, y1 = self.box_px
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, as the mining manifest records it."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,7 @@ class MiningResult:
         return {"counts": self.counts, "duplicates": self.duplicates, "capped": self.capped,
                 "candidates": dict(self.candidates),
                 "shard_dirs": [str(p) for p in self.shard_dirs],
-                "examples": [e.to_dict() for e in self.examples]}
+                "examples": [e.to_json() for e in self.examples]}
 
 
 def _centred_window(cx: float, cy: float, tile_px: int, width: int, height: int
@@ -189,7 +186,8 @@ def select_hard_examples(*, scene: SceneInfo, classes: Sequence[str], pred_boxes
             class_name=classes[int(pred_classes[i] if kind == 0 else truth_classes[i])],
             score=round(float(pred_scores[i]), 4) if kind == 0 else None,
             model_version=model_version,
-            box_px=tuple(round(float(v), 2) for v in box),  # type: ignore[arg-type]
+            box_px=(round(float(box[0]), 2), round(float(box[1]), 2), round(float(box[2]), 2),
+                    round(float(box[3]), 2)),
             center_map=(round(float(mx), 3), round(float(my), 3)),
             center_lonlat=(round(float(lonlat.x), 7), round(float(lonlat.y), 7)),
             window=window,

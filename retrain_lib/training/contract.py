@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from retrain_lib.core.config import TrainArguments, format_validation_error
 from retrain_lib.core.device import DeviceName
 from retrain_lib.core.errors import ConfigError, TrainingFailed
+from retrain_lib.core.records import Record
 from retrain_lib.core.settings import ENV_SCRATCH
 
 __all__ = ["TrainRequest", "TrainResult", "parse_result_line"]
@@ -140,9 +140,8 @@ class TrainRequest(BaseModel):
         return self.run_name or "-".join(p for p in parts if p) or f"train-{self.identity()[:8]}"
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training produced; printed as the entrypoint's last line."""
+class TrainResult(Record):
+    """What a training produced; printed as the entrypoint's last line (:meth:`to_line`)."""
 
     mlflow_run_id: str
     weights_uri: str
@@ -155,24 +154,15 @@ class TrainResult:
     """MLflow artifact URI of the run; register a model version with this as its source."""
     classes: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready mapping."""
-        data = asdict(self)
-        data["classes"] = list(self.classes)
-        return data
-
-    def to_json(self) -> str:
-        """One-line JSON."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+    def to_line(self) -> str:
+        """The result as one line of JSON."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainResult:
-        """Inverse of :meth:`to_json` (after json.loads)."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in data.items() if k in known}
-        values["classes"] = tuple(values.get("classes", ()))
-        values["metrics"] = {k: float(v) for k, v in values.get("metrics", {}).items()}
-        return cls(**values)
+        """The result of a parsed result line; keys a newer trainer adds are left out."""
+        known = set(TrainResult.model_fields)
+        return TrainResult.model_validate({k: v for k, v in data.items() if k in known})
 
 
 def parse_result_line(output: str | Sequence[str]) -> TrainResult:

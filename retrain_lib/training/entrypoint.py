@@ -57,10 +57,10 @@ def run_cli(options: Mapping[str, Any], *, fresh: bool = False,
     finally:
         _restore_sigterm(previous)
     if result_file is not None:
-        atomic_write_text(result_file, result.to_json() + "\n")
+        atomic_write_text(result_file, result.to_line() + "\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    sys.stdout.write(result.to_json() + "\n")
+    sys.stdout.write(result.to_line() + "\n")
     sys.stdout.flush()
     return result
 

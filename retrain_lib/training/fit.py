@@ -16,7 +16,6 @@ import os
 import posixpath
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +130,8 @@ def _replay(run: TrainingRun) -> TrainResult | None:
         return None
     log.info("this training already finished (MLflow run %s); returning its result",
              stored.mlflow_run_id)
-    return TrainResult(**{**asdict(stored), "resumed": True,
-                          "wall_time_s": round(time.monotonic() - run.started, 3)})
+    return stored.model_copy(update={"resumed": True,
+                                     "wall_time_s": round(time.monotonic() - run.started, 3)})
 
 
 def _check_out_writable(storage: Storage) -> None:
@@ -178,7 +177,7 @@ def _train(run: TrainingRun) -> TrainResult:
                         else "FAILED")
         raise
     tracking.finish("FINISHED")
-    atomic_write_text(scratch.result_file, result.to_json())
+    atomic_write_text(scratch.result_file, result.to_line())
     scratch.update(status="done")
     scratch.clean_after_success()
     return result
@@ -263,7 +262,7 @@ def _publish(run: TrainingRun, client: Any, run_id: str, out: Storage, metrics: 
         wall_time_s=round(time.monotonic() - run.started, 3), resumed=run.resumed,
         out_uri=out.uri, model_source=client.get_run(run_id).info.artifact_uri,
         classes=dataset.names)
-    out.put_bytes("result.json", (result.to_json() + "\n").encode("utf-8"))
+    out.put_bytes("result.json", (result.to_line() + "\n").encode("utf-8"))
     return result
 
 

@@ -84,7 +84,9 @@ def test_cli_demo_refuses_a_foreign_folder_in_one_line(tmp_path: Path) -> None:
 def _scores(map50: float, map50_95: float, arid_map50: float) -> dict[str, Any]:
     return {"map50_95": map50_95, "map50": map50, "map75": None, "map_small": None,
             "map_medium": None, "map_large": None, "precision": None, "recall": None,
-            "per_class": {}, "counts": {}, "iou_threshold": 0.5, "conf_threshold": 0.25,
+            "per_class": {}, "counts": {"scenes": 2, "truth": 9, "pred": 9, "pred_total": 9,
+                                     "tp": 9, "fp": 0, "fn": 0},
+            "iou_threshold": 0.5, "conf_threshold": 0.25,
             "area_ranges": None, "classes": ["car"], "notes": [],
             "regions": {"arid": {"map50_95": None, "map50": arid_map50, "precision": None,
                                  "recall": None}}}

@@ -93,7 +93,7 @@ def test_perfect_predictions_score_one() -> None:
     assert m.map50_95 == pytest.approx(1.0)
     assert m.map50 == pytest.approx(1.0) and m.map75 == pytest.approx(1.0)
     assert m.precision == 1.0 and m.recall == 1.0
-    assert (m.tp, m.fp, m.fn) == (3, 0, 0)
+    assert (m.counts.tp, m.counts.fp, m.counts.fn) == (3, 0, 0)
     # 10x8 and 14x7 px are small (< 16x16), 50x60 px is large (> 48x48); no medium object.
     assert m.map_small == pytest.approx(1.0) and m.map_large == pytest.approx(1.0)
     assert m.map_medium is None
@@ -105,7 +105,7 @@ def test_no_predictions_score_zero() -> None:
     m = evaluate_scenes([s], CLASSES)
     assert m.map50_95 == 0.0 and m.map50 == 0.0 and m.map75 == 0.0
     assert m.precision == 0.0 and m.recall == 0.0
-    assert (m.n_pred, m.fn) == (0, 2)
+    assert (m.counts.pred, m.counts.fn) == (0, 2)
 
 
 def test_empty_truth_and_predictions_are_defined_and_json_clean() -> None:
@@ -120,7 +120,7 @@ def test_empty_truth_and_predictions_are_defined_and_json_clean() -> None:
 def test_predictions_without_truth_are_all_false_positives() -> None:
     m = evaluate_scenes([scene([[0, 0, 5, 5]], [0], [0.9], [], [])], CLASSES)
     assert m.map50_95 is None  # undefined without truth, as in pycocotools
-    assert m.precision == 0.0 and m.recall is None and m.fp == 1
+    assert m.precision == 0.0 and m.recall is None and m.counts.fp == 1
 
 
 def test_shifted_box_follows_its_iou() -> None:
@@ -131,9 +131,9 @@ def test_shifted_box_follows_its_iou() -> None:
     assert m.map50 == pytest.approx(1.0)
     assert m.map75 == 0.0
     assert m.map50_95 == pytest.approx(0.4)
-    assert evaluate_scenes([s], CLASSES, iou_threshold=0.66).tp == 1
+    assert evaluate_scenes([s], CLASSES, iou_threshold=0.66).counts.tp == 1
     low = evaluate_scenes([s], CLASSES, iou_threshold=0.67)
-    assert (low.tp, low.fp, low.fn) == (0, 1, 1)
+    assert (low.counts.tp, low.counts.fp, low.counts.fn) == (0, 1, 1)
     assert low.precision == 0.0 and low.recall == 0.0
 
 
@@ -142,7 +142,7 @@ def test_operating_confidence_filters_precision_and_recall_only() -> None:
     s = scene(truth, [0, 0], [0.9, 0.1], truth, [0, 0])
     m = evaluate_scenes([s], CLASSES, conf_threshold=0.5)
     assert m.map50 == pytest.approx(1.0)  # COCO uses every prediction
-    assert (m.n_pred, m.n_pred_total, m.tp, m.fn) == (1, 2, 1, 1)
+    assert (m.counts.pred, m.counts.pred_total, m.counts.tp, m.counts.fn) == (1, 2, 1, 1)
     assert m.precision == 1.0 and m.recall == 0.5
 
 
@@ -162,8 +162,8 @@ def test_scenes_are_separate_images() -> None:
     a = scene([], [], [], [[0, 0, 10, 10]], [0], scene_id="a")
     b = scene([[0, 0, 10, 10]], [0], [0.9], [], [], scene_id="b")
     m = evaluate_scenes([a, b], CLASSES)
-    assert m.map50 == 0.0 and (m.tp, m.fp, m.fn) == (0, 1, 1)
-    assert m.n_scenes == 2
+    assert m.map50 == 0.0 and (m.counts.tp, m.counts.fp, m.counts.fn) == (0, 1, 1)
+    assert m.counts.scenes == 2
 
 
 # ----------------------------------------------------------------------------- pycocotools

@@ -430,7 +430,7 @@ def test_detect_end_to_end_with_a_trained_yolo(tiny_yolo: Path, tiny_scene: tupl
     write_detections(result, out)
     metrics = evaluate_files([out], [truth], [scene], class_names=detector.class_names,
                              conf_threshold=0.001)
-    assert metrics.n_truth == 10 and metrics.n_pred_total == len(result.boxes)
+    assert metrics.counts.truth == 10 and metrics.counts.pred_total == len(result.boxes)
     assert any("reprojected from EPSG:4326" in note for note in metrics.notes)
 
 

@@ -157,7 +157,7 @@ def test_select_is_deterministic(scene: SyntheticScene, tmp_path: Path) -> None:
                    model_version="1", workers=1)
     b = mine_scene(scene.path, scene.annotations_path, preds, CFG, tmp_path / "b",
                    model_version="1", workers=1)
-    assert [e.to_dict() for e in a.examples] == [e.to_dict() for e in b.examples]
+    assert [e.to_json() for e in a.examples] == [e.to_json() for e in b.examples]
     assert np.all([e.reason for e in a.examples])
 
 

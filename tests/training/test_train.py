@@ -136,7 +136,7 @@ def test_request_identity_ignores_scratch_only() -> None:
 def test_result_line_is_found_after_stray_output() -> None:
     result = TrainResult(mlflow_run_id="r", weights_uri="s3://b/w.pt", metrics={"map50": 0.5},
                          epochs_run=2, wall_time_s=1.0, resumed=False, classes=("car",))
-    assert parse_result_line(f"log\n{result.to_json()}\nwarning at exit\n") == result
+    assert parse_result_line(f"log\n{result.to_line()}\nwarning at exit\n") == result
 
 
 # -- dataset contract and bad input --------------------------------------------------------
