@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A private Docker daemon for the tests that train inside a container (tests/test_runners.py).
+# A private Docker daemon for the tests that train in a container (tests/training/test_runners.py).
 #
 #   .ci/dockerd.sh [start]   install docker.io if dockerd is missing (needs root), start dockerd
 #                            on its own socket and data dirs, import the tiny base image, and

@@ -111,7 +111,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {row['max_s']:.3f} | {', '.join(row['heavy']) or 'none'} |")
     lines += ["", "No parse imports torch, ultralytics, mlflow or rasterio: the DAG files import "
               "`airflow.sdk` and retrain_lib's light modules only; stage code is imported inside "
-              "the tasks. `tests/test_dags.py` checks the imports (not the timing).", "",
+              "the tasks. `tests/airflow/test_dags.py` checks the imports (not the timing).", "",
               "The champion Asset's URI scheme matters: with `autoretrain://...` Airflow loads "
               "every provider's asset URI handlers while parsing (the Amazon provider's S3 hook "
               "and boto3 among them), which measured 0.58 s (`retrain.py`) and 0.54 s "

@@ -3,9 +3,9 @@
 The same model (YOLO11n trained here on synthetic chips, cached under ``--out``) and the same
 synthetic scene go through every arm, each in its own subprocess; the parent samples the
 resident memory of the arm's process tree and scores its detections against the scene's
-ground truth (COCO mAP, :func:`retrain_lib.evaluate.evaluate_scenes`):
+ground truth (COCO mAP, :func:`retrain_lib.stages.evaluate.evaluate_scenes`):
 
-- ``detect``: :func:`retrain_lib.inference.detect_scene` (windowed reads, prefetching reader,
+- ``detect``: :func:`retrain_lib.stages.inference.detect_scene` (windowed reads, prefetching reader,
   batched forward passes, cut-off filter + NMS merge).
 - ``sahi``: ``sahi.predict.get_sliced_prediction`` with the same slice size and overlap,
   slices only (``perform_standard_pred=False``), batch 1, its default GREEDYNMM/IoS merge,
@@ -397,7 +397,7 @@ def render(by_size: dict[int, list[dict[str, Any]]], args: argparse.Namespace,
 
 Model: {model_note}. Scenes: synthetic, 0.5 m GSD, two classes plus unannotated decoys.
 Every arm: {TILE_PX} px slices with {OVERLAP} overlap, confidence {CONF}, device
-{args.device}; mAP against the scene's ground truth with `retrain_lib.evaluate`
+{args.device}; mAP against the scene's ground truth with `retrain_lib.stages.evaluate`
 (pycocotools). {args.repeats} run(s) per arm, interleaved; with several, the fastest counts.
 
 Machine: {machine()}. {load}

@@ -121,19 +121,18 @@ def score_champion(cfg: Any, settings: Any, tests: list[tuple[str, Path, Path, s
     version, detector = champion
     scores = score_detector(detector, cfg, tests)
     return {"version": version,
-            "regions": {r: {m: scores["regions"][r][m] for m in METRICS}
-                        for r in scores["regions"]}}
+            "regions": {r: {m: getattr(region, m) for m in METRICS}
+                        for r, region in scores.regions.items()}}
 
 
-def cycle_row(report: dict[str, Any], scores: dict[str, Any], seconds: float) -> dict[str, Any]:
-    dataset = report.get("dataset") or {}
-    promotion = report.get("promotion") or {}
+def cycle_row(report: Any, scores: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One cycle of one arm: what it did (``report`` from ``run_cycle``) and its champion."""
+    written, stages = report
+    counts = stages.mine.counts if stages.mine else {}
     return {"champion_version": scores["version"], "regions": scores["regions"],
-            "status": report.get("status"),
-            "promoted": promotion.get("promoted_version") is not None,
-            "train_images": dataset.get("train_images"),
-            "hard_chips": sum((report.get("mine") or {}).get("counts", {}).values()),
-            "hard_by_reason": (report.get("mine") or {}).get("counts", {}),
+            "status": written.status, "promoted": written.promoted_version is not None,
+            "train_images": stages.dataset.train_images if stages.dataset else None,
+            "hard_chips": sum(counts.values()), "hard_by_reason": counts,
             "seconds": round(seconds, 1)}
 
 

@@ -3,7 +3,7 @@
 Every arm runs in its own subprocess on the same synthetic scene, with the same tile size and
 overlap, and the parent samples the resident memory of that process and all its children:
 
-- ``tiler``: :func:`retrain_lib.tiling.tile_scene` writing every grid tile (background_ratio
+- ``tiler``: :func:`retrain_lib.stages.tiling.tile_scene` writing every grid tile (background_ratio
   high enough that no tile is dropped), so it writes the same chips as the floor plus labels.
 - ``tiler_default``: the tiler with the default policy (chips where there are objects, plus
   0.2 background chips per positive chip): what a training cycle actually runs.

@@ -7,8 +7,8 @@ process, one after the other:
   integration switched off (so it does no tracking at all): the strict baseline.
 - ``yolo_mlflow``: the same with Ultralytics' default, its MLflow callback on (mlflow is
   installed), logging into the same kind of SQLite store: like-for-like on tracking.
-- ``entrypoint``: :class:`retrain_lib.runners.LocalRunner` running ``python -m
-  retrain_lib.train``: dataset check and layout, one MLflow run with per-epoch metrics,
+- ``entrypoint``: :class:`retrain_lib.training.runners.local.LocalRunner` running ``python -m
+  retrain_lib.training``: dataset check and layout, one MLflow run with per-epoch metrics,
   weights/results upload and the result JSON. Torch threads are pinned to what Ultralytics
   picks by itself, so the difference is the entrypoint's overhead alone.
 - ``entrypoint_default``: the same with the entrypoint's default of one torch thread per CPU
@@ -263,7 +263,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "seconds of the process tree (less sensitive than wall time to other load).",
         "- `yolo`: `yolo detect train` with Ultralytics' MLflow integration off, so it tracks "
         "nothing; `yolo_mlflow`: the same with Ultralytics' default MLflow callback on "
-        "(same SQLite store). `entrypoint`: `LocalRunner` -> `python -m retrain_lib.train` "
+        "(same SQLite store). `entrypoint`: `LocalRunner` -> `python -m retrain_lib.training` "
         "with torch threads pinned to Ultralytics' own choice (cores - 1); "
         "`entrypoint_default`: the entrypoint's default of one thread per core.",
         f"- Entrypoint overhead at equal threads: {overhead:+.1f} % wall time, "

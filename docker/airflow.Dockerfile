@@ -7,7 +7,7 @@
 #
 # Tasks run stages in-process (ingest, tiling, mining, evaluation, detection, and training with
 # the local runner), so the image has torch; the CPU build keeps it small. GPU training runs in
-# the trainer image (docker/trainer.Dockerfile) through the DockerOperator.
+# the trainer image (docker/trainer.Dockerfile) through the Docker runner.
 ARG AIRFLOW_VERSION=3.3.2
 ARG PYTHON_VERSION=3.11
 FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}

@@ -1,8 +1,10 @@
 """AutoRetrain: continuous retraining of object detectors for overhead imagery.
 
-Every pipeline stage is a plain function in its own module and runs without Airflow.
-Heavy imports (torch, ultralytics, rasterio) live inside the modules that need them, so
-importing this package stays cheap.
+The package is a stack of layers, each a subpackage whose imports point down only
+(docs/architecture.md): ``core`` <- ``geo`` <- ``stages`` <- ``training`` <- ``cycle`` <-
+``airflow`` / ``devtools`` <- ``cli``. Everything but ``airflow`` runs without Airflow. Heavy
+imports (torch, ultralytics, mlflow) live inside the functions that need them, so importing
+``core`` and ``airflow`` stays cheap enough for DAG parsing.
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from tests.conftest import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
-HOST_PATHS = {"/var/run/docker.sock"}  # the DockerOperator starts trainer containers through it
+HOST_PATHS = {"/var/run/docker.sock"}  # the Docker runner starts trainer containers through it
 AIRFLOW_SERVICES = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
                     "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
                     "airflow-worker": "celery worker"}

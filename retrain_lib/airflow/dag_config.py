@@ -48,7 +48,7 @@ def default_configs_dir(dag_file: str | Path) -> Path:
 def load_dag_configs(dag_file: str | Path) -> dict[str, ObjectTypeConfig]:
     """Every object-type config a DAG file turns into DAGs, keyed by type.
 
-    A broken config raises :class:`~retrain_lib.errors.ConfigError`, which Airflow shows as an
+    A broken config raises :class:`~retrain_lib.core.errors.ConfigError`, which Airflow shows as an
     import error of the DAG file naming the file and field: better than a silently missing DAG.
     """
     return load_object_type_configs(default_configs_dir(dag_file))

@@ -280,7 +280,7 @@ class DockerRunnerConfig(StrictModel):
 
     image: str = Field("autoretrain-trainer:latest", description="Trainer image.")
     docker_url: str = Field(
-        "unix://var/run/docker.sock", description="Docker daemon the DockerOperator talks to.")
+        "unix://var/run/docker.sock", description="Docker daemon the Docker runner talks to.")
     gpus: int = Field(0, ge=0, le=16, description="GPUs requested (0: CPU only; -1 not allowed).")
     network_mode: str | None = Field(None, description="Container network, e.g. 'host'.")
     shm_size: str = Field("2g", description="Shared memory for dataloader workers.")

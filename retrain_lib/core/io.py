@@ -30,19 +30,21 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def is_in_flight(name: str) -> bool:
     """Whether a file name is the temp file of an unfinished atomic write."""
-    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
+    return name.startswith(".") and (name.endswith(_TMP_SUFFIX) or _TMP_SUFFIX + "." in name)
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``path`` to write to; it replaces ``path`` on success.
 
     The parent folder is created. When the block raises, the temp file is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was. ``keep_suffix`` ends the temp name with ``path``'s suffix too,
+    for writers that pick or check a format by it (GDAL/OGR).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+    suffix = target.suffix if keep_suffix else ""
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}{suffix}"
     try:
         yield tmp
         os.replace(tmp, target)

@@ -136,7 +136,8 @@ def write_scene(path: str | Path, spec: SceneSpec, *, progress: bool = False,
     block_salts = salts(spec.seed)
     try:
         # A small block cache: each block is written once, so caching only costs memory.
-        with atomic_path(path) as temporary, rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES), \
+        with atomic_path(path, keep_suffix=True) as temporary, \
+                rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES), \
                 rasterio.open(temporary, "w", **profile) as dst, \
                 progress_bar(f"writing {spec.scene_id}", total=n_rows * n_cols,
                              enabled=progress) as bar:

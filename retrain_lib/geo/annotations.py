@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
@@ -21,7 +21,9 @@ from retrain_lib.core.classes import ClassMapper
 from retrain_lib.core.errors import InputError
 from retrain_lib.geo.crs import Geometries, map_to_pixel, reproject_geometries
 from retrain_lib.geo.geojson import Feature, read_geojson
-from retrain_lib.geo.raster import SceneInfo
+
+if TYPE_CHECKING:  # the raster layer (rasterio) is not needed to read annotations
+    from retrain_lib.geo.raster import SceneInfo
 
 __all__ = [
     "CLASS_PROPERTIES",

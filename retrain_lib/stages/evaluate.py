@@ -47,7 +47,6 @@ from retrain_lib.core.records import Record
 from retrain_lib.geo.annotations import SceneBoxes, read_scene_boxes
 from retrain_lib.geo.boxes import as_boxes, as_vector, match_detections, overlapping_pairs
 from retrain_lib.geo.crs import crs_name, to_crs
-from retrain_lib.geo.raster import inspect_scene
 
 __all__ = [
     "DEFAULT_AREA_RANGES",
@@ -416,6 +415,8 @@ def evaluate_files(pred_paths: Sequence[str | os.PathLike[str]],
                          "file(s); give one scene per prediction file, or none")
     if not pred_paths:
         raise InputError("no prediction files to evaluate")
+    from retrain_lib.geo.raster import inspect_scene  # rasterio: only when scenes are given
+
     read: list[tuple[SceneBoxes, SceneBoxes, str]] = []
     notes: list[str] = []
     for i, (pred_path, truth_path) in enumerate(zip(pred_paths, truth_paths, strict=True)):

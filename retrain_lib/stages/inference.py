@@ -462,7 +462,7 @@ def _write_gpkg(path: Path, geoms: np.ndarray, properties: list[dict[str, Any]],
         np.array([p["model_version"] for p in properties], dtype=object),
         np.array([p["scene_id"] for p in properties], dtype=object),
     ]
-    with atomic_path(path) as partial:
+    with atomic_path(path, keep_suffix=True) as partial:
         write(str(partial), shapely.to_wkb(geoms) if len(geoms) else np.zeros(0, dtype=object),
               field_data, list(columns), layer="detections", driver="GPKG",
               geometry_type="Polygon", crs=to_crs(crs).to_wkt())

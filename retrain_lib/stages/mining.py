@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import shapely
@@ -35,9 +35,10 @@ from retrain_lib.core.records import Record
 from retrain_lib.geo.annotations import read_scene_boxes
 from retrain_lib.geo.boxes import match_detections
 from retrain_lib.geo.crs import WGS84, reproject_geometries
-from retrain_lib.geo.raster import SceneInfo, inspect_scene, resolve_tile_px
 from retrain_lib.geo.windows import PixelWindow
-from retrain_lib.stages.tiling import tile_scene
+
+if TYPE_CHECKING:
+    from retrain_lib.geo.raster import SceneInfo
 
 __all__ = [
     "HardExample",
@@ -210,6 +211,10 @@ def mine_scene(scene_path: str | Path, truth_path: str | Path, pred_path: str | 
     Raises:
         InputError: the scene, truth or predictions are unusable (names the file).
     """
+    # The raster layer and the tiler load rasterio and OpenCV: only when a scene is mined.
+    from retrain_lib.geo.raster import inspect_scene, resolve_tile_px
+    from retrain_lib.stages.tiling import tile_scene
+
     scene = inspect_scene(scene_path, scene_id)
     taken_centres: list[tuple[float, float]] = []
     if len(taken_lonlat):

@@ -168,16 +168,26 @@ def test_registration_is_idempotent_and_keeps_lineage(registry: ModelRegistry,
     assert versions[0].metrics == {"map50_95": pytest.approx(0.3)}
 
 
-def test_champion_uri_resolves_to_the_weights(registry: ModelRegistry, tmp_path: Path) -> None:
+def test_champion_uri_resolves_to_the_weights(registry: ModelRegistry, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
+
+    from retrain_lib.stages.weights import resolve_model
 
     cand = register(registry, tmp_path, "a", map50_95=0.3, map50=0.6)
     registry.promote_if_better([cand], None, RULE)
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    mlflow.set_registry_uri(registry.tracking_uri)
+    # MLflow's own resolver, pointed at the registry through the environment (set globally,
+    # the URIs would leak into every later test) ...
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry.tracking_uri)
     local = mlflow.artifacts.download_artifacts(registry.model_uri(),
                                                 dst_path=str(tmp_path / "dl"))
     assert (Path(local) / "weights" / "best.pt").read_bytes() == b"a"
+    # ... and the project's, which every stage uses.
+    ref = resolve_model(registry.model_uri(), tracking_uri=registry.tracking_uri,
+                        cache_dir=tmp_path / "cache")
+    assert ref.weights.read_bytes() == b"a" and ref.registered
+    assert (ref.name, ref.version) == (registry.model_name, cand.version)
 
 
 def test_unknown_run_is_a_clear_error(registry: ModelRegistry) -> None:

@@ -119,6 +119,9 @@ def test_container_spec_is_built_from_config_and_environment() -> None:
     assert spec.image == config.image and spec.gpus == 2 and spec.network_mode == "host"
     assert spec.command == request.model_copy(
         update={"scratch": CONTAINER_SCRATCH}).to_argv()
+    # The tracking URI (it may embed credentials) comes as a variable, not an argument.
+    with_uri = request.model_copy(update={"mlflow_uri": "http://user:pw@mlflow.test:5000"})
+    assert "--mlflow-uri" not in runner.spec(with_uri).command
     assert "--scratch" in spec.command and CONTAINER_SCRATCH in spec.command
     mounts = {(m["Target"], m["Source"], m["Type"], m["ReadOnly"]) for m in spec.mounts}
     assert mounts == {(CONTAINER_SCRATCH, "scr", "volume", False),
@@ -129,9 +132,6 @@ def test_container_spec_is_built_from_config_and_environment() -> None:
     assert spec.environment["AWS_DEFAULT_REGION"] == "eu-west-1"
     assert spec.environment["AWS_SECRET_ACCESS_KEY"] == "secret-456"
     assert spec.environment["MLFLOW_TRACKING_URI"] == "http://mlflow.test:5000"
-    # Credentials and the tracking URI (which may embed credentials) are the secrets.
-    assert spec.secret_names == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                 "MLFLOW_TRACKING_URI"}
     assert "secret-456" not in " ".join(spec.command)
 
 

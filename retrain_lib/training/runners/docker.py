@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from retrain_lib.core.config import DockerRunnerConfig
@@ -48,7 +48,6 @@ class ContainerSpec:
     shm_size: str | None = None
     gpus: int = 0
     entrypoint: list[str] | None = None
-    secret_names: frozenset[str] = field(default_factory=frozenset)
 
 
 class DockerRunner:
@@ -94,7 +93,8 @@ class DockerRunner:
             parts = mount.split(":")
             mounts.append({"Target": parts[1], "Source": parts[0], "Type": "bind",
                            "ReadOnly": len(parts) == 3 and parts[2] == "ro"})
-        in_container = request.model_copy(update={"scratch": CONTAINER_SCRATCH})
+        in_container = environment.request_for_child(request).model_copy(
+            update={"scratch": CONTAINER_SCRATCH})
         return ContainerSpec(
             image=self.config.image,
             command=[*in_container.to_argv(), *(["--fresh"] if fresh else [])],
@@ -104,8 +104,7 @@ class DockerRunner:
             labels={"autoretrain.request": request.identity()[:20],
                     "autoretrain.object_type": request.object_type or ""},
             network_mode=self.config.network_mode, shm_size=self.config.shm_size,
-            gpus=self.config.gpus, entrypoint=self.entrypoint,
-            secret_names=frozenset(environment.private))
+            gpus=self.config.gpus, entrypoint=self.entrypoint)
 
     def run(self, request: TrainRequest, *, fresh: bool = False) -> TrainResult:
         """Run the training container to its end and return its result.

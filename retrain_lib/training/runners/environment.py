@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from retrain_lib.core.errors import TrainingFailed
 from retrain_lib.core.settings import ENV_S3_CONN_ID
 from retrain_lib.core.storage import S3Settings
+from retrain_lib.training.contract import TrainRequest
 
 __all__ = ["LOG_TAIL_LINES", "TrainingEnvironment", "failure", "stream_lines"]
 
@@ -46,6 +47,13 @@ class TrainingEnvironment:
         return cls.build(mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI"),
                          mlflow_username=os.environ.get("MLFLOW_TRACKING_USERNAME"),
                          mlflow_password=os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+
+    def request_for_child(self, request: TrainRequest) -> TrainRequest:
+        """``request`` as the child gets it: when this environment gives the tracking URI
+        (which may embed credentials), it stays out of the command line and its logs."""
+        if "MLFLOW_TRACKING_URI" in self.private:
+            return request.model_copy(update={"mlflow_uri": None})
+        return request
 
     def apply_to(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` with these variables set. The Airflow connection id is dropped: the child

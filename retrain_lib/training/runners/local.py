@@ -44,14 +44,15 @@ class LocalRunner:
         logger: Where each output line goes (default: this module's logger).
         """
         self.python = python or sys.executable
-        base = dict(os.environ if env is None else env)
-        self.env = (environment or TrainingEnvironment()).apply_to(base)
+        self.environment = environment or TrainingEnvironment()
+        self.env = self.environment.apply_to(dict(os.environ if env is None else env))
         self.cwd = cwd
         self.logger = logger or log
 
     def command(self, request: TrainRequest, *, fresh: bool = False) -> list[str]:
         """The command line this runner executes."""
-        return [self.python, "-m", "retrain_lib.training", *request.to_argv(),
+        child = self.environment.request_for_child(request)
+        return [self.python, "-m", "retrain_lib.training", *child.to_argv(),
                 *(["--fresh"] if fresh else [])]
 
     def run(self, request: TrainRequest, *, fresh: bool = False) -> TrainResult:
