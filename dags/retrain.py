@@ -205,6 +205,9 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             version = written.get("promoted_version")
             if not version:
                 raise AirflowSkipException("no new champion this cycle: nothing to announce")
+            if written.get("reused"):
+                raise AirflowSkipException(f"v{version} was promoted and announced by an "
+                                           "earlier run of this cycle")
             from retrain_lib.cycle.champion import version_uri
 
             event = {"model": cfg.registered_model_name, "version": str(version),

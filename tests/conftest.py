@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from retrain_lib.core.storage import S3Settings, Storage, open_storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +37,113 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *, artifacts: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1: a SQLite backend under ``root`` and proxied
+    artifacts in ``artifacts`` (a folder or ``s3://bucket/prefix``; the server reaches S3
+    with ``env``, as the compose stack's server does). Yields its URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", artifacts or str(root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=log, cwd=root, env={**os.environ, **(env or {})},
+            start_new_session=True)  # its own group: the server forks workers
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, timeout_s=120)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def drop_region(folder: Path, region: str, scenes: int, seed: int) -> None:
+    """An analyst's drop: ``scenes`` small synthetic scenes with their annotations."""
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
+
+    make_drop(folder, [SceneSpec(scene_id=f"s{i}", width=256, height=256, region=region,  # type: ignore[arg-type]
+                                 objects_per_class=3, decoys=2, seed=seed + i)
+                       for i in range(scenes)])
+    (folder / "drop.json").write_text(f'{{"region": "{region}"}}')
+
+
+def put_folder(storage: Storage, folder: Path, prefix: str) -> None:
+    """Upload a local folder's files under ``prefix``, as an analyst's upload would."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            storage.put_file(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a whole cycle keeps its data: the embedded default, or the compose stack's."""
+
+    name: str
+    storage_uri: str
+    s3: S3Settings | None = None
+    mlflow_uri: str | None = None
+    mlflow_artifacts: str | None = None
+
+    def storage(self) -> Storage:
+        return open_storage(self.storage_uri, s3=self.s3)
+
+    def environment(self) -> dict[str, str]:
+        """What a user sets for a process to reach this backend."""
+        env = {"AUTORETRAIN_STORAGE": self.storage_uri}
+        if self.s3 is not None:
+            public, private = self.s3.environment()
+            env.update(public)
+            env.update(private)
+        if self.mlflow_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        return env
+
+
+BACKENDS = ["local", "s3"]
+
+
+@contextlib.contextmanager
+def storage_backend(name: str, root: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """``local``: storage under ``root`` and no MLflow server (the caller's default).
+    ``s3``: as the compose stack has it, storage in a fresh bucket of the S3 server over HTTP
+    and a real MLflow server whose artifacts live in the same S3 server."""
+    if name == "local":
+        yield Backend(name, str(root / "storage"))
+        return
+    import boto3
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
+                    aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = f"cycle-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing"
+                 ).create_bucket(Bucket=bucket)
+    public, private = s3.environment()
+    artifacts = f"s3://{bucket}/mlflow"
+    with mlflow_server(root / "mlflow-server", artifacts=artifacts,
+                       env={**public, **private}) as url:
+        yield Backend(name, f"s3://{bucket}/data", s3, url, artifacts)
 
 
 @pytest.fixture(scope="session")

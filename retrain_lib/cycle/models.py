@@ -191,10 +191,13 @@ def register_and_promote(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_i
                            "cycle; re-run the evaluate stage")
     tags = {c.version: models.get_version(c.version).tags for c in candidates}
     if current is not None and all(t.get("decision") for t in tags.values()):
-        # A re-run of a finished cycle: every candidate was already decided.
+        # A re-run of a finished cycle: every candidate was already decided. The report keeps
+        # what the first run decided, the promotion included.
+        promoted = [v for v, t in tags.items() if t.get("decision") == "promoted"]
         return PromotionResult(
-            versions=versions, promoted_version=None, reused=True,
-            champion_version=current.version, decisions={
+            versions=versions, promoted_version=promoted[0] if promoted else None, reused=True,
+            champion_version=current.version,
+            champion_uri=models.model_uri(), decisions={
                 v: GateRecord(promote=t.get("decision") == "promoted",
                               reason=t.get("decision_reason", "")) for v, t in tags.items()})
     outcome = models.promote_if_better(candidates, scored.metrics.headline() if scored else None,

@@ -99,9 +99,10 @@ def write_report(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
         record_training(storage, cfg.name, cycle_id=cycle_id,
                         dataset_version=dataset.version if dataset else "",
                         scene_ids=dataset.scene_ids if dataset else [])
+    promotion = stages.promotion
     return ReportWritten(status=status, report=storage.url(report_key(cfg.name, cycle_id)),
-                         promoted_version=(stages.promotion.promoted_version
-                                           if stages.promotion else None))
+                         promoted_version=promotion.promoted_version if promotion else None,
+                         reused=promotion.reused if promotion else None)
 
 
 def record_skip(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,

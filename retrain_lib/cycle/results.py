@@ -159,11 +159,16 @@ class PromotionResult(Record):
 
 
 class ReportWritten(Record):
-    """9. report: where the report is, and what the cycle decided."""
+    """9. report: where the report is, and what the cycle decided.
+
+    ``reused`` is true when a re-run found the gate already passed by an earlier run of the
+    cycle: its promotion was announced then, not again.
+    """
 
     status: CycleStatus
     report: str
     promoted_version: str | None
+    reused: bool | None = None
 
 
 class CycleStages(Record):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain_lib.core.errors import ConfigError, RetrainError
+from retrain_lib.core.storage import S3Settings, Storage, open_storage
 from retrain_lib.cycle.settings import run_cycle_id
 from retrain_lib.training.runners.local import stop_process_group
 
@@ -72,10 +73,13 @@ class DagRunOutcome:
 
 @dataclass(frozen=True)
 class LocalStack:
-    """Airflow (SQLite or a given database), MLflow (SQLite) and storage under one folder.
+    """Airflow (SQLite or a given database), MLflow and storage, by default under one folder.
 
-    Airflow reads its settings from the environment of each process this starts, so nothing
-    here imports Airflow, and a caller's own Airflow settings are never touched.
+    ``storage`` may name an S3 root (``s3://bucket/prefix``, reached with ``s3``) and
+    ``mlflow_uri`` a tracking server, as the compose stack has them; by default both live
+    under ``root``. Airflow reads its settings from the environment of each process this
+    starts, so nothing here imports Airflow, and a caller's own Airflow settings are never
+    touched.
     """
 
     root: Path
@@ -86,6 +90,9 @@ class LocalStack:
     task_retries: int | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    storage: str | None = None
+    s3: S3Settings | None = None
+    mlflow_uri: str | None = None
 
     @property
     def airflow_home(self) -> Path:
@@ -94,13 +101,30 @@ class LocalStack:
 
     @property
     def storage_root(self) -> Path:
-        """The storage root (a local directory)."""
-        return self.root / "storage"
+        """The storage root, when it is a local directory.
+
+        Raises:
+            ConfigError: the storage is on S3 (use :meth:`open_storage`).
+        """
+        if self.storage is None:
+            return self.root / "storage"
+        if self.storage.startswith("s3://"):
+            raise ConfigError(f"the stack's storage is {self.storage}, not a local folder")
+        return Path(self.storage)
+
+    @property
+    def storage_uri(self) -> str:
+        """The storage root the tasks use: a local folder or ``s3://bucket/prefix``."""
+        return self.storage if self.storage is not None else str(self.root / "storage")
+
+    def open_storage(self) -> Storage:
+        """The stack's storage, as the tasks see it."""
+        return open_storage(self.storage_uri, s3=self.s3)
 
     @property
     def tracking_uri(self) -> str:
-        """MLflow's tracking URI (a SQLite file)."""
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        """MLflow's tracking URI: the given server, else a SQLite file under ``root``."""
+        return self.mlflow_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
     @property
     def metadata_url(self) -> str:
@@ -117,13 +141,17 @@ class LocalStack:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AUTORETRAIN_CONFIGS": str(self.configs_dir),
-            "AUTORETRAIN_STORAGE": str(self.storage_root),
+            "AUTORETRAIN_STORAGE": self.storage_uri,
             "AUTORETRAIN_SCRATCH": str(self.root / "scratch"),
             "AUTORETRAIN_MLFLOW_UI_URL": self.mlflow_ui_url,
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "PYTHONUNBUFFERED": "1",
-            **dict(self.extra_env),
         }
+        if self.s3 is not None:
+            public, private = self.s3.environment()
+            env.update(public)
+            env.update(private)
+        env.update(self.extra_env)
         if self.task_retries is not None:
             env["AUTORETRAIN_TASK_RETRIES"] = str(self.task_retries)
         return env

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -325,22 +325,26 @@ class ModelRegistry:
         passing = [c for c in candidates if decisions[c.version].promote]
         winner = max(passing, key=lambda c: (decisions[c.version].challenger_primary,
                                              -int(c.version)), default=None)
+        final: dict[str, GateDecision] = {}
         for cand in candidates:
             self.record_metrics(cand.version, cand.metrics)
             decision = decisions[cand.version]
             if winner is not None and cand.version == winner.version:
+                final[cand.version] = decision
                 continue
-            reason = decision.reason if not decision.promote else (
-                f"passed the gate but v{winner.version if winner else '?'} scored higher "
-                f"({decision.challenger_primary:.4f})")
-            self._tag(cand.version, {"decision": "rejected", "decision_reason": reason})
+            if decision.promote:  # passed the gate, lost to a better challenger
+                decision = replace(decision, promote=False, reason=(
+                    f"passed the gate but v{winner.version if winner else '?'} scored higher "
+                    f"({decision.challenger_primary:.4f})"))
+            final[cand.version] = decision
+            self._tag(cand.version, {"decision": "rejected", "decision_reason": decision.reason})
         previous = None
         if winner is not None:
             previous = self._move_champion(winner.version, decisions[winner.version].reason,
                                            "promoted")
         return PromotionOutcome(winner.version if winner else None,
                                 previous if winner else (current.version if current else None),
-                                decisions)
+                                final)
 
     def set_champion(self, version: str | int, reason: str, *, action: str = "promoted"
                      ) -> str | None:

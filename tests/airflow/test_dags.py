@@ -7,14 +7,18 @@ is a fresh PostgreSQL database on 127.0.0.1:5432 when one answers (and must be i
 
 One scenario runs the retraining DAG of a tiny config (128 px chips, 64 px training, 1 epoch)
 through two cycles, a re-run of the same logical date, a run without new data, and the detect
-DAG; the tests below check what each run left behind.
+DAG; the tests below check what each run left behind. The scenario runs twice: on local
+storage with MLflow in a SQLite file (the embedded default), and as the compose stack has it,
+with storage on S3 over HTTP (moto's server on 127.0.0.1) and a real MLflow server whose
+artifacts live in the same S3 server. Every check reads storage through the storage layer, so
+both runs are held to the same assertions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -27,7 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
+from retrain_lib.core.storage import LocalStorage, S3Settings, S3Storage, Storage
 from retrain_lib.devtools.local_stack import DagRunOutcome, LocalStack, project_folders
+from tests.conftest import BACKENDS, drop_region, put_folder, storage_backend
 
 DAGS, PLUGINS, SHIPPED_CONFIGS = project_folders()
 HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio")
@@ -74,16 +80,17 @@ def _postgres_admin() -> Any:
     return conn
 
 
-@pytest.fixture(scope="module")
-def metadata_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh Airflow metadata database: PostgreSQL when it answers (required in CI)."""
+@contextlib.contextmanager
+def metadata_database(fallback: Path) -> Iterator[str]:
+    """A fresh Airflow metadata database: PostgreSQL when it answers (required in CI), else
+    SQLite at ``fallback``."""
     try:
         admin = _postgres_admin()
     except Exception as exc:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) for "
                         f"the DAG tests: {exc}")
-        yield f"sqlite:///{tmp_path_factory.mktemp('airflow-db') / 'airflow.db'}"
+        yield f"sqlite:///{fallback}"
         return
     name = f"autoretrain_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
@@ -98,12 +105,14 @@ def metadata_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         admin.close()
 
 
-def _stack(root: Path, configs: Path, metadata_url: str, *, retries: int | None = 0
-           ) -> LocalStack:
+def _stack(root: Path, configs: Path, metadata_url: str, *, retries: int | None = 0,
+           storage: str | None = None, s3: S3Settings | None = None,
+           mlflow_uri: str | None = None) -> LocalStack:
     yolo = root / "yolo-config"
     yolo.mkdir(parents=True, exist_ok=True)
     return LocalStack(root=root, dags_folder=DAGS, plugins_folder=PLUGINS, configs_dir=configs,
-                      database_url=metadata_url, task_retries=retries,
+                      database_url=metadata_url, task_retries=retries, storage=storage, s3=s3,
+                      mlflow_uri=mlflow_uri,
                       extra_env={"YOLO_CONFIG_DIR": str(yolo), "YOLO_OFFLINE": "1",
                                  "MPLBACKEND": "Agg"})
 
@@ -248,32 +257,51 @@ def test_plugin_loads_and_registers_the_mlflow_link(tmp_path: Path) -> None:
 class Scenario:
     """What the runs of the scenario left behind."""
 
+    backend: str
     stack: LocalStack
     runs: dict[str, DagRunOutcome] = field(default_factory=dict)
     states: dict[str, dict[str, str]] = field(default_factory=dict)
-    snapshots: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     links: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)
     markdown: dict[str, str] = field(default_factory=dict)
     bad_drop: dict[str, bytes] = field(default_factory=dict)
 
     @property
-    def storage(self) -> Path:
-        return self.stack.storage_root
+    def storage(self) -> Storage:
+        return self.stack.open_storage()
 
     def report(self, run: str) -> dict[str, Any]:
         """The cycle report as the run left it (a re-run of its cycle rewrites the file)."""
         return self.reports[run]
 
 
-def _snapshot(storage: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every file that ingest, tiling, mining and assembly wrote."""
-    out = {}
-    for top in ("incoming", "catalog", "quarantine", "chips", "hard", "datasets"):
-        for path in sorted((storage / top).rglob("*")):
-            if path.is_file() and not path.name.endswith(".cache"):
-                stat = path.stat()
-                out[str(path.relative_to(storage))] = (stat.st_size, stat.st_mtime_ns)
+def _snapshot(storage: Storage) -> dict[str, tuple[int, str]]:
+    """(size, when written) of every object that ingest, tiling, mining and assembly wrote."""
+    out: dict[str, tuple[int, str]] = {}
+    tops = ("incoming", "catalog", "quarantine", "chips", "hard", "datasets")
+    if isinstance(storage, LocalStorage):
+        for top in tops:
+            for path in sorted((storage.root / top).rglob("*")):
+                if path.is_file() and not path.name.endswith(".cache"):
+                    stat = path.stat()
+                    out[str(path.relative_to(storage.root))] = (stat.st_size,
+                                                                str(stat.st_mtime_ns))
+        return out
+    import boto3
+
+    assert isinstance(storage, S3Storage)
+    settings = storage.settings
+    client = boto3.client("s3", endpoint_url=settings.endpoint_url,
+                          region_name=settings.region_name,
+                          aws_access_key_id=settings.aws_access_key_id,
+                          aws_secret_access_key=settings.aws_secret_access_key)
+    pages = client.get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=storage.bucket, Prefix=f"{storage.prefix}/"):
+        for obj in page.get("Contents", []):
+            key = obj["Key"][len(storage.prefix) + 1:]
+            if key.startswith(tops) and not key.endswith(".cache"):
+                out[key] = (obj["Size"], f"{obj['LastModified'].isoformat()} {obj['ETag']}")
     return out
 
 
@@ -309,57 +337,59 @@ def _links(stack: LocalStack, run: DagRunOutcome) -> dict[tuple[str, int], str]:
     return {(r[0], r[1]): json.loads(r[2]) if r[2].startswith('"') else r[2] for r in rows}
 
 
-def _drop(folder: Path, region: str, scenes: int, seed: int) -> None:
-    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
-
-    make_drop(folder, [SceneSpec(scene_id=f"s{i}", width=256, height=256, region=region,
-                                 objects_per_class=3, decoys=2, seed=seed + i)  # type: ignore[arg-type]
-                       for i in range(scenes)])
-    (folder / "drop.json").write_text(json.dumps({"region": region}))
-
-
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory, metadata_url: str) -> Scenario:
-    root = tmp_path_factory.mktemp("dag-runs")
+@pytest.fixture(scope="module", params=BACKENDS)
+def scenario(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    root = tmp_path_factory.mktemp(f"dag-runs-{request.param}")
     configs = root / "configs"
     configs.mkdir()
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    stack = _stack(root / "stack", configs, metadata_url)
-    stack.migrate()
-    out = Scenario(stack)
-    incoming = stack.storage_root / "incoming" / "vehicle"
+    with metadata_database(root / "airflow.db") as metadata_url, \
+            storage_backend(request.param, root, request) as backend:
+        stack = _stack(root / "stack", configs, metadata_url, storage=(
+            backend.storage_uri if backend.s3 else None), s3=backend.s3,
+            mlflow_uri=backend.mlflow_uri)
+        stack.migrate()
+        yield _run_scenario(request.param, stack, root)
+
+
+def _run_scenario(backend: str, stack: LocalStack, root: Path) -> Scenario:
+    out = Scenario(backend, stack)
+    storage = stack.open_storage()
+    incoming = "incoming/vehicle"
 
     def run(name: str, dag_id: str, day: int, conf: dict[str, Any] | None = None) -> None:
         outcome = stack.run_dag(dag_id, conf=conf, logical_date=datetime(2025, 6, day, tzinfo=UTC))
         out.runs[name] = outcome
         out.states[name] = _task_states(stack, outcome)
-        out.snapshots[name] = _snapshot(stack.storage_root)
+        out.snapshots[name] = _snapshot(storage)
         out.links[name] = _links(stack, outcome)
-        report = stack.storage_root / "cycles" / "vehicle" / outcome.cycle_id / "report.json"
+        report = f"cycles/vehicle/{outcome.cycle_id}/report"
         if dag_id.startswith("retrain_"):
-            out.reports[name] = json.loads(report.read_text())
-            out.markdown[name] = report.with_suffix(".md").read_text()
+            assert storage.exists(f"{report}.json"), outcome.log.read_text()[-5000:]
+            out.reports[name] = storage.get_json(f"{report}.json")
+            out.markdown[name] = storage.get_bytes(f"{report}.md").decode()
 
-    _drop(incoming / "region-a", "vegetated", 3, seed=10)
-    _drop(incoming / "bad", "vegetated", 1, seed=20)
-    labels = json.loads((incoming / "bad" / "s0.geojson").read_text())
+    drops = root / "drops"
+    drop_region(drops / "region-a", "vegetated", 3, seed=10)
+    drop_region(drops / "bad", "vegetated", 1, seed=20)
+    labels = json.loads((drops / "bad" / "s0.geojson").read_text())
     labels["features"][0]["properties"]["class"] = "boat"
-    (incoming / "bad" / "s0.geojson").write_text(json.dumps(labels))
-    out.bad_drop = {p.name: p.read_bytes() for p in (incoming / "bad").iterdir()}
+    (drops / "bad" / "s0.geojson").write_text(json.dumps(labels))
+    out.bad_drop = {p.name: p.read_bytes() for p in (drops / "bad").iterdir()}
+    put_folder(storage, drops / "region-a", f"{incoming}/region-a")
+    put_folder(storage, drops / "bad", f"{incoming}/bad")
     run("cycle1", "retrain_vehicle", 1)
     run("rerun", "retrain_vehicle", 1, {"force": True})  # the same logical date again
     run("nodata", "retrain_vehicle", 2)
     run("again", "retrain_vehicle", 1)  # cycle 1's logical date again, without force
     # Region B is first detected by the champion, then annotated and dropped for training:
     # cycle 2 mines the stored predictions instead of detecting again.
-    staged = root / "staged" / "region-b"
-    _drop(staged, "arid", 3, seed=30)
-    waiting = stack.storage_root / "inference" / "incoming" / "vehicle"
-    waiting.mkdir(parents=True)
-    for scene in staged.glob("*.tif"):
-        shutil.copyfile(scene, waiting / scene.name)
+    drop_region(drops / "region-b", "arid", 3, seed=30)
+    for scene in sorted((drops / "region-b").glob("*.tif")):
+        storage.put_file(scene, f"inference/incoming/vehicle/{scene.name}")
     run("detect", "detect_vehicle", 3)
-    shutil.move(staged, incoming / "region-b")
+    put_folder(storage, drops / "region-b", f"{incoming}/region-b")
     run("cycle2", "retrain_vehicle", 4, {"candidates": ["a"], "epochs": 1})
     return out
 
@@ -383,11 +413,11 @@ def test_cycle_one_catalogs_quarantines_trains_and_promotes(scenario: Scenario) 
     catalog = sorted({k.split("/")[3] for k in after if k.startswith("catalog/vehicle/scenes/")})
     assert catalog == ["region-a-s0", "region-a-s1", "region-a-s2"]
     # The planted bad drop is quarantined whole, byte for byte, with its reason.
-    quarantine = storage / "quarantine" / "vehicle" / "bad"
-    reason = json.loads((quarantine / "reason.json").read_text())
+    quarantine = "quarantine/vehicle/bad"
+    reason = storage.get_json(f"{quarantine}/reason.json")
     assert any("boat" in p["problem"] for p in reason["problems"])
     for name, data in scenario.bad_drop.items():
-        assert (quarantine / name).read_bytes() == data
+        assert storage.get_bytes(f"{quarantine}/{name}") == data
     assert not [k for k in after if k.startswith("incoming/")]  # both drops left incoming
 
     report = scenario.report("cycle1")
@@ -456,7 +486,12 @@ def test_rerun_of_the_same_logical_date_duplicates_nothing(scenario: Scenario) -
     assert all(t["reused"] for t in report["tiles"])
     assert report["dataset"]["reused"] is True
     assert all(t["reused"] for t in report["trained"])
-    assert report["promotion"]["reused"] is True and report["status"] == "completed"
+    # The report is history: the re-run keeps the first run's promotion, and does not
+    # announce it again.
+    assert report["promotion"]["reused"] is True and report["status"] == "promoted"
+    first_promotion = scenario.report("cycle1")["promotion"]
+    assert report["promotion"]["promoted_version"] == first_promotion["promoted_version"]
+    assert report["promotion"]["decisions"] == first_promotion["decisions"]
     assert scenario.states["rerun"]["publish_champion"] == "skipped"
 
 
@@ -490,14 +525,15 @@ def test_detect_dag_writes_predictions_for_dropped_scenes(scenario: Scenario) ->
         "waiting_scenes": "success", "serving_model": "success", "detect_scene[0]": "success",
         "detect_scene[1]": "success", "detect_scene[2]": "success"}
     champion = scenario.report("cycle1")["promotion"]["promoted_version"]
-    folder = scenario.storage / "predictions" / "vehicle" / champion
+    storage = scenario.storage
+    folder = f"predictions/vehicle/{champion}"
     for scene in ("s0", "s1", "s2"):
-        doc = json.loads((folder / f"{scene}.geojson").read_text())
+        doc = storage.get_json(f"{folder}/{scene}.geojson")
         assert doc["type"] == "FeatureCollection" and "crs" in doc
         assert {f["properties"]["model_version"] for f in doc["features"]} <= {champion}
-        assert (scenario.storage / "inference" / "done" / "vehicle" / f"{scene}.tif").exists()
-    assert len(list((folder / "by-sha256").glob("*.json"))) == 3
-    assert not list((scenario.storage / "inference" / "incoming").rglob("*.tif"))
+        assert storage.exists(f"inference/done/vehicle/{scene}.tif")
+    assert len([k for k in storage.list(f"{folder}/by-sha256/") if k.endswith(".json")]) == 3
+    assert not [k for k in storage.list("inference/incoming/") if k.endswith(".tif")]
 
 
 @pytest.mark.slow
@@ -517,7 +553,7 @@ def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scena
     log = run.log.read_text()
     assert log.count(f"with stored predictions of v{champion}") == 2
     assert "detecting now" not in log
-    assert (scenario.storage / "hard" / "vehicle" / run.cycle_id / "manifest.json").exists()
+    assert scenario.storage.exists(f"hard/vehicle/{run.cycle_id}/manifest.json")
     [trained] = report["trained"]
     assert trained["candidate"] == "a" and trained["epochs_run"] == 1
     assert trained["parent_version"] == champion  # warm start from the champion
@@ -530,8 +566,8 @@ def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scena
     assert [v.version for v in versions] == ["1", "2", "3"]
     assert versions[2].tags["decision"] == "rejected" and versions[2].parent == champion
     assert _registry(scenario).champion().version == champion
-    datasets = [p for p in (scenario.storage / "datasets" / "vehicle").iterdir() if p.is_dir()]
-    assert len(datasets) == 2
+    assert len([d for d in scenario.storage.list_children("datasets/vehicle/")
+                if d.startswith("ds-")]) == 2
 
 
 @pytest.mark.slow

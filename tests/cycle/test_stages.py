@@ -182,12 +182,13 @@ def test_a_champion_that_changed_during_the_cycle_stops_promotion(tmp_path: Path
                                             evaluation)
     assert promotion.promoted_version == "3" and promotion.previous_champion == "2"
     assert promotion.decisions["3"].promote
-    # A re-run of the same cycle finds every candidate decided and changes nothing.
+    # A re-run of the same cycle finds every candidate decided and changes nothing; what it
+    # hands on still says that this cycle promoted v3.
     again = models.register_and_promote(CFG, settings, "c1", _dataset(["t1"]), [new],
                                         Evaluation(test_scenes=["t1"], candidates={
                                             "new": _scores(0.6, 0.8)}, champion=ChampionScores(
                                             version="3", metrics=_scores(0.6, 0.8))))
-    assert again.reused and again.promoted_version is None and again.champion_version == "3"
+    assert again.reused and again.promoted_version == "3" and again.champion_version == "3"
     assert again.decisions["3"].promote
 
 

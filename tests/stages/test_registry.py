@@ -130,6 +130,11 @@ def test_best_passing_candidate_wins_and_others_say_why(registry: ModelRegistry,
     assert outcome.promoted_version == b.version
     assert "scored higher" in registry.get_version(a.version).tags["decision_reason"]
     assert "floor" in registry.get_version(c.version).tags["decision_reason"]
+    # The outcome says what the tags say: one promotion, and why each other version lost.
+    assert {v: d.promote for v, d in outcome.decisions.items()} == {
+        a.version: False, b.version: True, c.version: False}
+    assert outcome.decisions[a.version].reason == (
+        registry.get_version(a.version).tags["decision_reason"])
 
 
 def test_rollback_and_manual_promotion(registry: ModelRegistry, tmp_path: Path) -> None:

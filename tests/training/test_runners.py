@@ -12,12 +12,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +29,7 @@ from retrain_lib.training.contract import TrainRequest
 from retrain_lib.training.runners.docker import CONTAINER_SCRATCH, DockerRunner
 from retrain_lib.training.runners.environment import TrainingEnvironment
 from retrain_lib.training.runners.local import LocalRunner
-from tests.conftest import REPO_ROOT, free_port, wait_for_port
+from tests.conftest import REPO_ROOT, free_port, mlflow_server
 from tests.training.test_train import NAMES, make_dataset, upload_folder
 
 DOCKERFILE = REPO_ROOT / "docker" / "trainer.Dockerfile"
@@ -211,42 +208,15 @@ def trainer_image(docker_host: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite backend, proxied artifacts) on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"), cwd=root,  # noqa: SIM115
-        start_new_session=True)  # its own group: the server forks workers
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_port(port, timeout_s=120)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.2)
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow
 def test_docker_runner_trains_in_a_container(
-        docker_host: str, trainer_image: str, mlflow_server: str, s3_bucket: str,
+        docker_host: str, trainer_image: str, mlflow_server_url: str, s3_bucket: str,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
@@ -260,7 +230,7 @@ def test_docker_runner_trains_in_a_container(
     from retrain_lib.airflow.hooks import s3_settings
 
     environment = TrainingEnvironment.build(s3=s3_settings("autoretrain_test_s3"),
-                                            mlflow_uri=mlflow_server)
+                                            mlflow_uri=mlflow_server_url)
     upload_folder(make_dataset(tmp_path / "dsv-docker", size=128), s3_bucket,
                   "datasets/vehicle/dsv-docker")
     request = TrainRequest(data=f"s3://{s3_bucket}/datasets/vehicle/dsv-docker",
@@ -293,7 +263,7 @@ def test_docker_runner_trains_in_a_container(
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket,
                                                   Prefix="models/vehicle/d1/")["Contents"]}
     assert {f"models/vehicle/d1/{WEIGHTS_IN_RUN}", "models/vehicle/d1/results.csv"} <= keys
-    mlflow_client = MlflowClient(mlflow_server)
+    mlflow_client = MlflowClient(mlflow_server_url)
     run = mlflow_client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["cycle_id"] == "docker-cycle"
