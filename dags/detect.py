@@ -24,6 +24,7 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowSkipException
 
 from retrain_lib.airflow.dag_config import (
+    broken_configs_dag,
     champion_asset,
     detect_schedule,
     load_dag_configs,
@@ -112,6 +113,10 @@ def build_detect_dag(cfg: ObjectTypeConfig) -> DAG:
 
 # Workers parse this file to run one task: build only that task's DAG.
 _wanted = get_parsing_context().dag_id
-for _name, _cfg in load_dag_configs(__file__).items():
+_configs = load_dag_configs(__file__)
+for _name, _cfg in _configs.configs.items():
     if _wanted is None or _wanted == f"detect_{_name}":
         globals()[f"detect_{_name}"] = build_detect_dag(_cfg)
+# A broken YAML is an import error naming its file and field; the other types keep their DAGs.
+if _wanted is None and _configs.problems:
+    broken_configs = broken_configs_dag(_configs.problems, "autoretrain_broken_configs_detect")

@@ -16,7 +16,12 @@ from typing import Any
 from airflow.sdk import DAG, Param, dag, get_current_context, get_parsing_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from retrain_lib.airflow.dag_config import champion_asset, load_dag_configs, retry_args
+from retrain_lib.airflow.dag_config import (
+    broken_configs_dag,
+    champion_asset,
+    load_dag_configs,
+    retry_args,
+)
 from retrain_lib.airflow.links import mlflow_task, publish_mlflow_link
 from retrain_lib.airflow.tasks import current_cycle_id, run_stage
 from retrain_lib.core.config import ObjectTypeConfig
@@ -237,6 +242,10 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
 # Workers parse this file to run one task: build only that task's DAG.
 _wanted = get_parsing_context().dag_id
-for _name, _cfg in load_dag_configs(__file__).items():
+_configs = load_dag_configs(__file__)
+for _name, _cfg in _configs.configs.items():
     if _wanted is None or _wanted == f"retrain_{_name}":
         globals()[f"retrain_{_name}"] = build_retrain_dag(_cfg)
+# A broken YAML is an import error naming its file and field; the other types keep their DAGs.
+if _wanted is None and _configs.problems:
+    broken_configs = broken_configs_dag(_configs.problems, "autoretrain_broken_configs_retrain")

@@ -7,18 +7,21 @@ Never Variables here: each would cost a metadata-database call per parse. Only
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Asset
+from airflow.sdk import DAG, Asset
 
-from retrain_lib.core.config import ObjectTypeConfig, load_object_type_configs
+from retrain_lib.core.config import ConfigFolder, read_object_type_configs
+from retrain_lib.core.errors import ConfigError
 
 __all__ = [
     "ENV_CONFIGS",
     "ENV_DETECT_SCHEDULE",
     "ENV_TASK_RETRIES",
+    "broken_configs_dag",
     "champion_asset",
     "default_configs_dir",
     "detect_schedule",
@@ -45,13 +48,32 @@ def default_configs_dir(dag_file: str | Path) -> Path:
     return Path(dag_file).resolve().parent.parent / "configs" / "object_types"
 
 
-def load_dag_configs(dag_file: str | Path) -> dict[str, ObjectTypeConfig]:
-    """Every object-type config a DAG file turns into DAGs, keyed by type.
+def load_dag_configs(dag_file: str | Path) -> ConfigFolder:
+    """The object-type configs a DAG file turns into DAGs: the valid ones keyed by type, and
+    one message per broken file (see :func:`broken_configs_dag`).
 
-    A broken config raises :class:`~retrain_lib.core.errors.ConfigError`, which Airflow shows as an
-    import error of the DAG file naming the file and field: better than a silently missing DAG.
+    Raises:
+        ConfigError: the config folder is missing (an import error of the DAG file).
     """
-    return load_object_type_configs(default_configs_dir(dag_file))
+    return read_object_type_configs(default_configs_dir(dag_file))
+
+
+def broken_configs_dag(problems: Sequence[str], dag_id: str) -> DAG:
+    """A DAG that Airflow refuses when it bags it, with the broken configs as the reason.
+
+    Airflow keeps the other DAGs of a file when one of them fails its validation, and shows
+    that failure as an import error of the file: so one broken YAML names its file and field
+    in the UI (and ``airflow dags list-import-errors``), while every valid object type keeps
+    its DAGs, runs in flight included. A module-level exception would drop them all.
+    """
+    message = (f"{len(problems)} object-type config(s) in {ENV_CONFIGS} are broken; their "
+               "DAGs are missing until fixed:\n" + "\n".join(problems))
+
+    class BrokenConfigs(DAG):
+        def validate(self) -> None:
+            raise ConfigError(message)
+
+    return BrokenConfigs(dag_id=dag_id, schedule=None, doc_md=message, tags=["autoretrain"])
 
 
 def retry_args(retries: int | None = None, *, delay_s: float = 60,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TRAIN_OVERRIDE_KEYS",
     "CandidateConfig",
+    "ConfigFolder",
     "DatasetConfig",
     "DockerRunnerConfig",
     "GuardMetric",
@@ -47,6 +49,7 @@ __all__ = [
     "TriggerPolicy",
     "load_object_type_config",
     "load_object_type_configs",
+    "read_object_type_configs",
 ]
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -465,12 +468,21 @@ def load_object_type_config(path: str | Path) -> ObjectTypeConfig:
     return config
 
 
-def load_object_type_configs(directory: str | Path) -> dict[str, ObjectTypeConfig]:
-    """Load every ``*.yaml`` in ``directory``, keyed by object type name.
+@dataclass(frozen=True)
+class ConfigFolder:
+    """The object-type configs of one folder: the valid ones, and one message per broken file
+    (naming the file and the field)."""
+
+    configs: dict[str, ObjectTypeConfig]
+    problems: list[str]
+
+
+def read_object_type_configs(directory: str | Path) -> ConfigFolder:
+    """Load every ``*.yaml`` in ``directory``; a broken file is reported, not raised, so that
+    the valid ones stay usable (each object type's DAGs stand on their own).
 
     Raises:
-        ConfigError: the directory is missing or any file is invalid (all files are checked
-            and every problem reported together).
+        ConfigError: the directory is missing.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -484,6 +496,17 @@ def load_object_type_configs(directory: str | Path) -> dict[str, ObjectTypeConfi
             problems.append(str(exc))
             continue
         configs[config.name] = config
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return configs
+    return ConfigFolder(configs, problems)
+
+
+def load_object_type_configs(directory: str | Path) -> dict[str, ObjectTypeConfig]:
+    """Load every ``*.yaml`` in ``directory``, keyed by object type name.
+
+    Raises:
+        ConfigError: the directory is missing or any file is invalid (all files are checked
+            and every problem reported together).
+    """
+    folder = read_object_type_configs(directory)
+    if folder.problems:
+        raise ConfigError("\n".join(folder.problems))
+    return folder.configs

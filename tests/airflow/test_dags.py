@@ -207,19 +207,30 @@ def test_parsing_imports_no_heavy_module(parsed: dict[str, Any]) -> None:
     assert parsed["heavy"] == []
 
 
-def test_a_broken_config_is_an_import_error_naming_the_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("broken", "expected"), [
+    ({**TINY_CONFIG, "name": "ship", "schedule": "often"}, "ship.yaml: schedule: got 'often'"),
+    ("name: ship\nclasses: [ship\n", "ship.yaml: not valid YAML"),
+])
+def test_a_broken_config_is_an_import_error_and_the_other_types_keep_their_dags(
+        tmp_path: Path, broken: dict[str, Any] | str, expected: str) -> None:
     configs = tmp_path / "configs"
     configs.mkdir()
-    (configs / "vehicle.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "schedule": "often"}))
+    (configs / "vehicle.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    (configs / "ship.yaml").write_text(broken if isinstance(broken, str)
+                                       else yaml.safe_dump(broken))
     stack = _stack(tmp_path / "stack", configs, f"sqlite:///{tmp_path / 'airflow.db'}")
     proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), "x"],
                           env=stack.process_env(), capture_output=True, text=True, timeout=300,
                           check=False)
     result = json.loads(next(line for line in proc.stdout.splitlines()
                              if line.startswith("RESULT "))[len("RESULT "):])
-    errors = "\n".join(result["import_errors"].values())
-    assert "vehicle.yaml: schedule: got 'often'" in errors
-    assert result["dags"] == {}
+    # Each DAG file shows one import error that names the broken file and what is wrong...
+    assert sorted(Path(k).name for k in result["import_errors"]) == ["detect.py", "retrain.py"]
+    for error in result["import_errors"].values():
+        assert expected in error and "Traceback" not in error
+        assert error.startswith("ConfigError: 1 object-type config(s)")
+    # ...and the valid type keeps both its DAGs.
+    assert sorted(result["dags"]) == ["detect_vehicle", "retrain_vehicle"]
 
 
 PLUGIN_SCRIPT = """
