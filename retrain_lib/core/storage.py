@@ -88,6 +88,16 @@ class Storage(ABC):
     def delete(self, key: str) -> None:
         """Delete one object (missing objects are fine)."""
 
+    def links(self, prefix: str = "") -> dict[str, str]:
+        """Symbolic links at or under ``prefix``, key to where each points; never followed.
+
+        Object stores hold none; a local folder may (an analyst's ``ln -s``)."""
+        return {}
+
+    def move_link(self, src: str, dst: str) -> None:
+        """Move a link itself (not what it points to) to ``dst``."""
+        raise StorageError(f"{self.url(src)}: this storage holds no links")
+
     # -- derived operations, shared by all backends ------------------------------------
 
     def publish(self, key: str, data: bytes) -> None:
@@ -197,8 +207,46 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"{target}: cannot write ({exc})") from None
 
-    def get_bytes(self, key: str) -> bytes:
+    def _readable(self, key: str) -> Path:
+        """The path of ``key``, refused when a link leads it out of the storage root."""
         path = self.path(key)
+        real = path.resolve()
+        if real != self.root and not real.is_relative_to(self.root):
+            raise StorageError(f"{path}: a symbolic link out of the storage root (to {real}); "
+                               "links out of the root are never followed")
+        return path
+
+    def links(self, prefix: str = "") -> dict[str, str]:
+        found: dict[str, str] = {}
+        key = _check_key(prefix) if prefix else ""
+        # The prefix itself, or a folder above it, may be the link.
+        parts = PurePosixPath(key).parts
+        for depth in range(1, len(parts) + 1):
+            path = self.root.joinpath(*parts[:depth])
+            if path.is_symlink():
+                return {"/".join(parts[:depth]): os.readlink(path)}
+        base = self.root / key if key else self.root
+        if not base.is_dir():
+            return found
+        for dirpath, dirs, files in os.walk(base):  # os.walk never enters a linked folder
+            for name in [*dirs, *files]:
+                path = Path(dirpath, name)
+                if path.is_symlink():
+                    found[path.relative_to(self.root).as_posix()] = os.readlink(path)
+        return found
+
+    def move_link(self, src: str, dst: str) -> None:
+        source = self.path(src)
+        if not source.is_symlink():
+            raise StorageError(f"{source}: not a symbolic link")
+        target = self._parent(dst)
+        try:
+            source.rename(target)
+        except OSError as exc:
+            raise StorageError(f"{source} -> {target}: cannot move the link ({exc})") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._readable(key)
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -215,7 +263,7 @@ class LocalStorage(Storage):
             raise StorageError(f"{local_path} -> {target}: cannot copy ({exc})") from None
 
     def get_file(self, key: str, local_path: str | Path) -> Path:
-        source = self.path(key)
+        source = self._readable(key)
         local_path = Path(local_path)
         if not source.is_file():
             raise StorageError(f"{source}: no such object")
@@ -228,7 +276,7 @@ class LocalStorage(Storage):
 
     @contextmanager
     def local_copy(self, key: str, scratch: str | Path | None = None) -> Iterator[Path]:
-        path = self.path(key)
+        path = self._readable(key)
         if not path.is_file():
             raise StorageError(f"{path}: no such object")
         yield path
@@ -251,7 +299,7 @@ class LocalStorage(Storage):
         return self.path(key).is_file()
 
     def copy(self, src: str, dst: str) -> None:
-        source = self.path(src)
+        source = self._readable(src)
         if not source.is_file():
             raise StorageError(f"{source}: no such object to copy")
         self.put_file(source, dst)

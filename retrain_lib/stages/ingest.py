@@ -33,7 +33,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from retrain_lib.core.config import ObjectTypeConfig
-from retrain_lib.core.errors import InputError, RetrainError
+from retrain_lib.core.errors import InputError, RetrainError, StorageError
 from retrain_lib.core.io import file_sha256, safe_id
 from retrain_lib.core.layout import (
     CATALOG_ANNOTATIONS,
@@ -123,10 +123,18 @@ class IngestReport:
 
 
 def list_drops(storage: Storage, object_type: str) -> list[str]:
-    """Drop ids waiting in ``incoming/<type>/``, oldest name first."""
+    """Drop ids waiting in ``incoming/<type>/``, oldest name first.
+
+    A drop folder that is a symbolic link is listed too (ingest quarantines it, unfollowed).
+    """
     prefix = incoming_prefix(object_type)
-    return [d for d in storage.list_children(prefix)
-            if not storage.exists(join_key(prefix, d))]  # a stray file is not a drop
+    linked = {key[len(prefix) + 1:] for key in storage.links(prefix)}
+    if "" in linked:  # the type's folder itself, or one above it
+        raise StorageError(f"{storage.url(prefix)}: a symbolic link is on the way to it; links "
+                           "are never followed: make it a real folder in the storage root")
+    drops = {d for d in storage.list_children(prefix)
+             if d not in linked and not storage.exists(join_key(prefix, d))}  # a stray file
+    return sorted(drops | {d for d in linked if "/" not in d and d})
 
 
 def list_catalog_scenes(storage: Storage, object_type: str) -> list[dict[str, Any]]:
@@ -301,6 +309,9 @@ def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
                 scratch: str | Path | None = None, cycle_id: str = "") -> DropOutcome:
     """Validate one drop and catalog or quarantine it; see the module docstring."""
     base = join_key(incoming_prefix(cfg.name), drop_id)
+    links = storage.links(base)
+    if links:
+        return _quarantine_links(storage, cfg.name, drop_id, base, links, cycle_id)
     keys = storage.list(base)
     if not keys:
         raise RetrainError(f"{storage.url(base)}: drop not found or empty")
@@ -376,14 +387,18 @@ def _catalog_scene(storage: Storage, object_type: str, scene: _ValidScene,
 
 def _quarantine(storage: Storage, object_type: str, drop_id: str, base: str,
                 keys: Sequence[str], problems: Sequence[Problem], notes: Sequence[str],
-                metadata: Mapping[str, str], cycle_id: str) -> DropOutcome:
+                metadata: Mapping[str, str], cycle_id: str, *,
+                links: Mapping[str, str] | None = None) -> DropOutcome:
+    """Copy the drop's files beside a ``reason.json``, move its ``links`` (key: name in the
+    quarantine folder) unfollowed, then empty ``incoming/``."""
+    links = links or {}
     target = _quarantine_target(storage, object_type, drop_id)
     reason = {
         "drop_id": drop_id, "object_type": object_type,
         "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "cycle_id": cycle_id, "problems": [p.to_dict() for p in problems],
         "notes": list(notes), "metadata": dict(metadata),
-        "files": [k[len(base) + 1:] for k in keys],
+        "files": sorted([k[len(base) + 1:] for k in keys] + list(links.values())),
         "next_steps": "fix the listed problems and drop the corrected files as a new drop",
     }
     # The marker lets a re-run after a crash recognise its own half-finished quarantine.
@@ -395,11 +410,31 @@ def _quarantine(storage: Storage, object_type: str, drop_id: str, base: str,
         storage.copy(key, join_key(target, "reason.original.json" if name == "reason.json"
                                    else name))
     storage.put_json(join_key(target, "reason.json"), reason)
+    for key, name in links.items():
+        storage.move_link(key, join_key(target, name))
     for key in keys:
         storage.delete(key)
     storage.delete(marker)
     return DropOutcome(drop_id, "quarantined", (), 0, tuple(problems), tuple(notes),
                        storage.url(target))
+
+
+def _quarantine_links(storage: Storage, object_type: str, drop_id: str, base: str,
+                      links: Mapping[str, str], cycle_id: str) -> DropOutcome:
+    """Quarantine a drop that is, or holds, a symbolic link, without following any link: the
+    links themselves are moved (what they point to is never read), the other files copied."""
+    if base in links:
+        return _quarantine(storage, object_type, drop_id, base, [], [Problem(
+            ".", f"the drop folder is a symbolic link (to {links[base]}); links are never "
+            "followed: drop the files themselves")], [], {}, cycle_id, links={base: drop_id})
+    names = {key: key[len(base) + 1:] for key in links}
+    problems = [Problem(name, f"a symbolic link (to {links[key]}); links are never followed: "
+                        "drop the file itself")
+                for key, name in sorted(names.items(), key=lambda item: item[1])]
+    # What lies under a linked folder is not the drop's: listings never enter one.
+    keys = [k for k in storage.list(base) if k not in links]
+    return _quarantine(storage, object_type, drop_id, base, keys, problems, [], {}, cycle_id,
+                       links=names)
 
 
 def ingest_drops(storage: Storage, cfg: ObjectTypeConfig, *, drop_ids: Sequence[str] | None = None,

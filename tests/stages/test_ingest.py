@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.core.errors import StorageError
 from retrain_lib.core.storage import LocalStorage, Storage, open_storage
 from retrain_lib.devtools.synthetic import SceneSpec, make_drop
 from retrain_lib.stages.ingest import (
@@ -106,6 +107,71 @@ def test_unknown_class_quarantines_the_whole_drop(storage: LocalStorage,
         assert storage.get_bytes(f"quarantine/vehicle/bad/{name}") == data
     assert list_drops(storage, "vehicle") == []
     assert list_catalog_scenes(storage, "vehicle") == []
+
+
+def test_a_link_out_of_the_root_is_quarantined_never_followed(storage: LocalStorage,
+                                                               tmp_path: Path) -> None:
+    outside = drop_locally(tmp_path, "outside", seed=3)  # a scene outside the storage root
+    folder = drop_locally(tmp_path, "d1")
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    upload(storage, folder, "d1")
+    drop = storage.path("incoming/vehicle/d1")
+    (drop / "secret.tif").symlink_to(outside / "s0.tif")
+    (drop / "secret.geojson").symlink_to(outside / "s0.geojson")
+
+    outcome = ingest_drop(storage, CFG, "d1")
+    assert outcome.status == "quarantined"
+    problems = {p.file: p.problem for p in outcome.problems}
+    assert set(problems) == {"secret.tif", "secret.geojson"}
+    assert problems["secret.tif"].startswith(f"a symbolic link (to {outside / 's0.tif'}); "
+                                             "links are never followed")
+    # Nothing reached the catalog; the drop's own files are in quarantine byte for byte, and
+    # the links are there as links: what they point to was never read or copied.
+    assert list_catalog_scenes(storage, "vehicle") == []
+    target = storage.path("quarantine/vehicle/d1")
+    for name, data in originals.items():
+        assert (target / name).read_bytes() == data
+    assert (target / "secret.tif").is_symlink()
+    assert (target / "secret.tif").readlink() == outside / "s0.tif"
+    assert quarantined(storage, "d1")["files"] == sorted([*originals, "secret.geojson",
+                                                          "secret.tif"])
+    assert not drop.exists()
+
+
+def test_a_drop_folder_that_is_a_link_is_quarantined_not_ignored(storage: LocalStorage,
+                                                                  tmp_path: Path) -> None:
+    outside = drop_locally(tmp_path, "elsewhere")
+    incoming = storage.path("incoming/vehicle")
+    incoming.mkdir(parents=True)
+    (incoming / "linked").symlink_to(outside, target_is_directory=True)
+    assert list_drops(storage, "vehicle") == ["linked"]
+    assert count_pending_annotations(storage, "vehicle") == {"linked": 0}  # not read
+
+    [outcome] = ingest_drops(storage, CFG).outcomes
+    assert outcome.status == "quarantined"
+    assert outcome.problems[0].file == "."
+    assert f"the drop folder is a symbolic link (to {outside})" in outcome.problems[0].problem
+    moved = storage.path("quarantine/vehicle/linked/linked")
+    assert moved.is_symlink() and moved.readlink() == outside
+    assert sorted(p.name for p in outside.iterdir()) == ["s0.geojson", "s0.tif"]  # untouched
+    assert list_drops(storage, "vehicle") == []
+
+
+def test_storage_refuses_to_read_through_a_link_out_of_its_root(storage: LocalStorage,
+                                                                tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    storage.put_bytes("a/inside.txt", b"fine")
+    storage.path("a/link.txt").symlink_to(secret)
+    storage.path("a/inner.txt").symlink_to(storage.path("a/inside.txt"))
+    assert storage.get_bytes("a/inner.txt") == b"fine"  # a link inside the root is harmless
+    for read in (lambda: storage.get_bytes("a/link.txt"),
+                 lambda: storage.get_file("a/link.txt", tmp_path / "copy.txt"),
+                 lambda: storage.copy("a/link.txt", "b/copy.txt")):
+        with pytest.raises(StorageError, match="a symbolic link out of the storage root"):
+            read()
+    assert storage.links("a") == {"a/inner.txt": str(storage.path("a/inside.txt")),
+                                  "a/link.txt": str(secret)}
 
 
 @pytest.mark.parametrize("breakage, file, expected", [
