@@ -148,7 +148,8 @@ def load_annotations(labels_path: str | os.PathLike[str] | None, scene: SceneInf
     if len(pixel) and not inside.any():
         minx, miny, maxx, maxy = shapely.total_bounds(np.asarray(scene_geoms, dtype=object))
         raise InputError(
-            f"{source}: none of its {len(pixel)} annotations overlaps scene {scene.path} "
+            f"{source}: none of its {len(pixel)} annotations overlaps scene "
+            f"{os.path.basename(scene.path)} "
             f"(annotations span x {minx:.6g}..{maxx:.6g}, y {miny:.6g}..{maxy:.6g} in the "
             f"scene CRS; the scene spans {scene.bounds_text()}); wrong scene or CRS?")
     if (~inside).any():

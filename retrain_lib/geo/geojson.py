@@ -8,6 +8,7 @@ predictions in a UTM scene's CRS round-trip exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -125,11 +126,68 @@ def _parse_feature(raw: Any, index: int, source: str) -> Feature:
     geometry = raw.get("geometry")
     if geometry is None:
         raise InputError(f"{where}: has no geometry; expected a Polygon or MultiPolygon")
+    _check_geometry(geometry, where)
     try:
         geom = shapely.from_geojson(json.dumps(geometry))
     except (shapely.errors.GEOSException, ValueError, TypeError) as exc:
         raise InputError(f"{where}: malformed geometry ({exc})") from None
     return Feature(geometry=geom, properties=properties, id=fid, index=index)
+
+
+# How deep each geometry type nests its positions.
+_POSITION_DEPTH = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2,
+                   "Polygon": 2, "MultiPolygon": 3}
+
+
+def _check_geometry(geometry: Any, where: str) -> None:
+    """Say what is wrong with a geometry in the analyst's terms (which coordinate, what was
+    expected), before the GEOS parser would answer with its own text."""
+    if not isinstance(geometry, dict):
+        raise InputError(f"{where}: 'geometry' must be an object, got {type(geometry).__name__}")
+    kind = geometry.get("type")
+    if kind == "GeometryCollection":
+        members = geometry.get("geometries")
+        if not isinstance(members, list):
+            raise InputError(f"{where}: a GeometryCollection needs a 'geometries' list")
+        for i, member in enumerate(members):
+            _check_geometry(member, f"{where}, geometry {i}")
+        return
+    if kind not in _POSITION_DEPTH:
+        raise InputError(f"{where}: unknown geometry type {kind!r}; expected a Polygon or "
+                         "MultiPolygon")
+    if "coordinates" not in geometry:
+        raise InputError(f"{where}: the {kind} has no 'coordinates'")
+    coordinates = geometry["coordinates"]
+    _check_positions(coordinates, _POSITION_DEPTH[kind], kind, where, "")
+    polygons = [coordinates] if kind == "Polygon" else coordinates if kind == "MultiPolygon" \
+        else []
+    for p, rings in enumerate(polygons):
+        for r, ring in enumerate(rings):
+            at = f"[{r}]" if kind == "Polygon" else f"[{p}][{r}]"
+            if len(ring) < 4 or ring[0] != ring[-1]:
+                raise InputError(f"{where}: {kind} ring coordinates{at} has {len(ring)} "
+                                 "position(s); a ring needs at least 4, the last one "
+                                 "repeating the first")
+
+
+def _check_positions(value: Any, depth: int, kind: str, where: str, at: str) -> None:
+    if not isinstance(value, list):
+        raise InputError(f"{where}: {kind} coordinates{at}: got {json.dumps(value)[:40]}; "
+                         f"expected {'a position [x, y]' if depth == 0 else 'a list'}")
+    if depth > 0:
+        for i, item in enumerate(value):
+            _check_positions(item, depth - 1, kind, where, f"{at}[{i}]")
+        return
+    if len(value) not in (2, 3):
+        raise InputError(f"{where}: {kind} coordinates{at}: a position has {len(value)} "
+                         "number(s); expected [x, y] or [x, y, z]")
+    for i, number in enumerate(value):
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise InputError(f"{where}: {kind} coordinates{at}[{i}]: got "
+                             f"{json.dumps(number)[:40]}; expected a number")
+        if not math.isfinite(number):
+            raise InputError(f"{where}: {kind} coordinates{at}[{i}]: got "
+                             f"{json.dumps(number)}; expected a finite number")
 
 
 def write_geojson(path: str | os.PathLike[str], features: Iterable[Feature], crs: Any) -> None:

@@ -256,7 +256,8 @@ def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
     try:
         objects = load_annotations(local_labels, scene, cfg.class_mapper)
     except InputError as exc:
-        return None, [Problem(labels_name, _strip_path(str(exc), local_labels))], []
+        message = _strip_path(_strip_path(str(exc), local_labels), local_scene)
+        return None, [Problem(labels_name, message)], []
     problems = [Problem(labels_name, r) for r in objects.rejected]
     notes = [f"{labels_name}: {n}" for n in objects.notes if "outside the scene" not in n]
     outside = [n for n in objects.notes if "outside the scene" in n]

@@ -86,6 +86,13 @@ def test_empty_annotation_files_are_valid(tmp_path: Path, text: str) -> None:
     assert read_geojson(path) == ([], WGS84)
 
 
+def _polygon(second_x: str) -> str:
+    """A one-feature collection whose square's second position has ``second_x`` as x."""
+    return ('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+            f'"geometry": {{"type": "Polygon", "coordinates": [[[0, 0], [{second_x}, 0], '
+            '[1, 1], [0, 1], [0, 0]]]}}]}')
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("{not json", "not valid JSON at line 1"),
     ('{"type": "Polygon", "coordinates": []}', "expected a GeoJSON FeatureCollection"),
@@ -95,7 +102,24 @@ def test_empty_annotation_files_are_valid(tmp_path: Path, text: str) -> None:
      '"properties": {}, "geometry": null}]}', r"feature 0 \(id 'x9'\): has no geometry"),
     ('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
      '"geometry": {"type": "Polygon", "coordinates": [[1, 2]]}}]}',
-     "feature 0: malformed geometry"),
+     r"feature 0: Polygon coordinates\[0\]\[0\]: got 1; expected a position \[x, y\]"),
+    *[(_polygon(bad), expected) for bad, expected in [
+        ("NaN", r"feature 0: Polygon coordinates\[0\]\[1\]\[0\]: got NaN; expected a finite"),
+        ("-Infinity", r"coordinates\[0\]\[1\]\[0\]: got -Infinity; expected a finite number"),
+        ('"12"', r"coordinates\[0\]\[1\]\[0\]: got \"12\"; expected a number"),
+        ("true", r"coordinates\[0\]\[1\]\[0\]: got true; expected a number"),
+        ("[1]", r"coordinates\[0\]\[1\]\[0\]: got \[1\]; expected a number"),
+    ]],
+    (_polygon("1, 0, 0"), r"feature 0: Polygon coordinates\[0\]\[1\]: a "
+     r"position has 4 number\(s\); expected \[x, y\] or \[x, y, z\]"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+     '"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [0, 0]]]}}]}',
+     r"feature 0: Polygon ring coordinates\[0\] has 3 position\(s\); a ring needs at least 4"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+     '"geometry": {"type": "Circle", "coordinates": [0, 0]}}]}',
+     "feature 0: unknown geometry type 'Circle'; expected a Polygon or MultiPolygon"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+     '"geometry": {"type": "MultiPolygon"}}]}', "feature 0: the MultiPolygon has no"),
 ])
 def test_bad_geojson_names_file_and_feature(tmp_path: Path, content: str, expected: str
                                             ) -> None:

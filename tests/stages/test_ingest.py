@@ -179,7 +179,8 @@ def test_storage_refuses_to_read_through_a_link_out_of_its_root(storage: LocalSt
     ("orphan_labels", "s9.geojson", "annotations without a scene"),
     ("corrupt_raster", "s0.tif", "cannot open as a raster"),
     ("not_json", "s0.geojson", "not valid JSON"),
-    ("outside", "s0.geojson", "overlaps scene"),
+    ("outside", "s0.geojson", "none of its 6 annotations overlaps scene s0.tif ("),
+    ("nan", "s0.geojson", "feature 0: Polygon coordinates[0][0][0]: got NaN; expected a finite"),
     ("stray_file", "notes.docx", "unexpected file"),
     ("bad_metadata", "drop.json", "unknown key(s) regoin"),
 ])
@@ -200,6 +201,10 @@ def test_each_bad_input_has_a_reason(storage: LocalStorage, tmp_path: Path, brea
             ring = feature["geometry"]["coordinates"][0]
             feature["geometry"]["coordinates"][0] = [[x + 1e6, y] for x, y in ring]
         (folder / "s0.geojson").write_text(json.dumps(doc))
+    elif breakage == "nan":
+        doc = json.loads((folder / "s0.geojson").read_text())
+        doc["features"][0]["geometry"]["coordinates"][0][0][0] = float("nan")
+        (folder / "s0.geojson").write_text(json.dumps(doc))  # Python writes NaN, as some tools do
     elif breakage == "stray_file":
         (folder / "notes.docx").write_bytes(b"x")
     elif breakage == "bad_metadata":
@@ -209,6 +214,8 @@ def test_each_bad_input_has_a_reason(storage: LocalStorage, tmp_path: Path, brea
     assert outcome.status == "quarantined"
     problems = quarantined(storage, "x")["problems"]
     assert any(p["file"] == file and expected in p["problem"] for p in problems), problems
+    # The analyst knows the files by their names in the drop, never by a scratch copy.
+    assert not any("autoretrain-ingest-" in p["problem"] for p in problems), problems
     assert list_drops(storage, "vehicle") == []
 
 
