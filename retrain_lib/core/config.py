@@ -38,6 +38,7 @@ __all__ = [
     "DatasetConfig",
     "DockerRunnerConfig",
     "GuardMetric",
+    "IngestConfig",
     "MiningConfig",
     "ObjectTypeConfig",
     "PromotionConfig",
@@ -222,6 +223,15 @@ class MiningConfig(StrictModel):
         10.0, ge=0, description="Hard chips closer than this to an earlier one are duplicates.")
 
 
+class IngestConfig(StrictModel):
+    """How drops are taken in."""
+
+    empty_drop_quarantine_hours: float | None = Field(
+        24.0, gt=0, description="A drop folder still empty after this many hours (by its "
+        "modification time) is quarantined with a reason; until then each cycle reports it "
+        "as waiting for files (null: wait forever).")
+
+
 class DatasetConfig(StrictModel):
     """How dataset versions are split and balanced."""
 
@@ -327,6 +337,8 @@ class ObjectTypeConfig(StrictModel):
     tags: list[str] = Field(default_factory=list, description="Extra DAG tags.")
     trigger: TriggerPolicy = Field(default_factory=TriggerPolicy,
         description="When a scheduled run retrains.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig,
+        description="How drops are taken in.")
     tiling: TilingConfig = Field(default_factory=TilingConfig,
         description="Chip geometry and radiometry.")
     training: TrainingConfig = Field(default_factory=TrainingConfig,

@@ -98,6 +98,14 @@ class Storage(ABC):
         """Move a link itself (not what it points to) to ``dst``."""
         raise StorageError(f"{self.url(src)}: this storage holds no links")
 
+    def empty_folders(self, prefix: str) -> dict[str, float]:
+        """Folders directly under ``prefix`` that hold no file, with when each last changed
+        (seconds since the epoch). Object stores have no folders, so none are empty."""
+        return {}
+
+    def remove_empty_folder(self, key: str) -> None:  # noqa: B027 (no folders: nothing to do)
+        """Remove a folder of :meth:`empty_folders` (and empty folders inside it)."""
+
     # -- derived operations, shared by all backends ------------------------------------
 
     def publish(self, key: str, data: bytes) -> None:
@@ -244,6 +252,21 @@ class LocalStorage(Storage):
             source.rename(target)
         except OSError as exc:
             raise StorageError(f"{source} -> {target}: cannot move the link ({exc})") from None
+
+    def empty_folders(self, prefix: str) -> dict[str, float]:
+        base = self.path(prefix)
+        if base.is_symlink() or not base.is_dir():
+            return {}
+        return {child.name: child.stat().st_mtime for child in sorted(base.iterdir())
+                if child.is_dir() and not child.is_symlink()
+                and not any(files for _, _, files in os.walk(child))}
+
+    def remove_empty_folder(self, key: str) -> None:
+        path = self.path(key)
+        for dirpath, _dirs, files in os.walk(path, topdown=False):
+            if files:
+                raise StorageError(f"{dirpath}: not empty; nothing removed")
+            Path(dirpath).rmdir()
 
     def get_bytes(self, key: str) -> bytes:
         path = self._readable(key)

@@ -46,7 +46,8 @@ def ingest(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str) -> Ing
     report = ingest_drops(settings.storage(), cfg,
                           scratch=settings.scratch_dir(f"ingest-{cycle_id}"), cycle_id=cycle_id,
                           on_drop=lambda o: log.info("drop %s: %s %s", o.drop_id, o.status,
-                                                     [p.problem for p in o.problems]))
+                                                     [p.problem for p in o.problems]
+                                                     + list(o.notes)))
     return IngestSummary.model_validate(report.to_dict())
 
 

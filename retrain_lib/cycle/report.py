@@ -43,8 +43,10 @@ def report_markdown(report: CycleReport) -> str:
              f"- started: {report.started_at or ''}", f"- status: {report.status}",
              f"- trigger: {report.check.reason if report.check else ''}"]
     if report.ingest:
+        waiting = f", {report.ingest.waiting} empty and waiting" if report.ingest.waiting \
+            else ""
         lines.append(f"- ingest: {report.ingest.cataloged} drop(s) cataloged, "
-                     f"{report.ingest.quarantined} quarantined, "
+                     f"{report.ingest.quarantined} quarantined{waiting}, "
                      f"{report.ingest.new_annotations} new annotations")
     if report.tiles:
         lines.append(f"- chips: {sum(t.tiles_written for t in report.tiles)} over "

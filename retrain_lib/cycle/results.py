@@ -49,6 +49,8 @@ class TriggerDecision(Record):
     reason: str
     new_annotations: int
     pending_drops: list[str]
+    empty_drops: list[str] = Field(default_factory=list,
+                                   description="Drop folders with no file yet.")
     untrained_scenes: int
     days_since_training: float | None
     started_at: str | None = Field(None, description="When the cycle started (UTC, ISO).")
@@ -60,6 +62,7 @@ class IngestSummary(Record):
     object_type: str
     cataloged: int
     quarantined: int
+    waiting: int = 0
     scene_ids: list[str]
     new_annotations: int
     drops: list[DropOutcome]

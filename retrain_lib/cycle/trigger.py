@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.cycle.results import TriggerDecision
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.state import load_state
-from retrain_lib.stages.ingest import count_pending_annotations, list_catalog_scenes
+from retrain_lib.stages.ingest import (
+    count_pending_annotations,
+    list_catalog_scenes,
+    list_empty_drops,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_new_data"]
 
@@ -45,8 +52,14 @@ def check_new_data(cfg: ObjectTypeConfig, settings: CycleSettings, *, force: boo
             "never trained"
         retrain, reason = False, (f"only {new} new annotations (< {policy.min_new_annotations})"
                                   f" and {since}")
+    empty = sorted(list_empty_drops(storage, cfg.name))
+    if empty:
+        reason += (f"; drop(s) {', '.join(empty)} empty, waiting for files")
+        for drop_id in empty:
+            log.info("drop %s is empty; waiting for files", drop_id)
     start = {} if started_at is None else {"started_at": started_at}  # set only when known
     return TriggerDecision(
         retrain=retrain, reason=reason, new_annotations=new, pending_drops=sorted(pending),
+        empty_drops=empty,
         untrained_scenes=len(untrained),
         days_since_training=None if days is None else round(days, 2), **start)

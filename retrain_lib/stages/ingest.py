@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "ingest_drops",
     "list_catalog_scenes",
     "list_drops",
+    "list_empty_drops",
 ]
 
 SCENE_SUFFIXES = (".tif", ".tiff")
@@ -80,7 +82,7 @@ class DropOutcome:
     """What happened to one drop (also what a cycle's report records of it)."""
 
     drop_id: str
-    status: Literal["cataloged", "quarantined"]
+    status: Literal["cataloged", "quarantined", "waiting"]
     scene_ids: tuple[str, ...] = ()
     annotations: int = 0
     problems: tuple[Problem, ...] = ()
@@ -111,12 +113,17 @@ class IngestReport:
         return tuple(o for o in self.outcomes if o.status == "quarantined")
 
     @property
+    def waiting(self) -> tuple[DropOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.status == "waiting")
+
+    @property
     def scene_ids(self) -> list[str]:
         return [s for o in self.cataloged for s in o.scene_ids]
 
     def to_dict(self) -> dict[str, Any]:
         return {"object_type": self.object_type,
                 "cataloged": len(self.cataloged), "quarantined": len(self.quarantined),
+                "waiting": len(self.waiting),
                 "scene_ids": self.scene_ids,
                 "new_annotations": sum(o.annotations for o in self.cataloged),
                 "drops": [o.to_dict() for o in self.outcomes]}
@@ -135,6 +142,31 @@ def list_drops(storage: Storage, object_type: str) -> list[str]:
     drops = {d for d in storage.list_children(prefix)
              if d not in linked and not storage.exists(join_key(prefix, d))}  # a stray file
     return sorted(drops | {d for d in linked if "/" not in d and d})
+
+
+def list_empty_drops(storage: Storage, object_type: str, now: float | None = None
+                     ) -> dict[str, float]:
+    """Drop folders in ``incoming/<type>/`` that hold no file yet, with their age in hours
+    (an upload in progress, or a folder made and forgotten)."""
+    now = time.time() if now is None else now
+    return {drop_id: max(0.0, (now - changed) / 3600) for drop_id, changed in
+            storage.empty_folders(incoming_prefix(object_type)).items()}
+
+
+def _empty_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, age_h: float,
+                cycle_id: str) -> DropOutcome:
+    limit = cfg.ingest.empty_drop_quarantine_hours
+    if limit is None or age_h < limit:
+        later = f"; quarantined if still empty after {limit:g} h" if limit is not None else ""
+        return DropOutcome(drop_id, "waiting", notes=(
+            f"drop {drop_id} is empty ({age_h:.1f} h old); waiting for files{later}",))
+    base = join_key(incoming_prefix(cfg.name), drop_id)
+    outcome = _quarantine(storage, cfg.name, drop_id, base, [], [Problem(
+        ".", f"the drop folder has been empty for {age_h:.1f} h (limit {limit:g} h, "
+        "ingest.empty_drop_quarantine_hours); expected <stem>.tif scenes with their "
+        "<stem>.geojson annotations")], [], {}, cycle_id)
+    storage.remove_empty_folder(base)
+    return outcome
 
 
 def list_catalog_scenes(storage: Storage, object_type: str) -> list[dict[str, Any]]:
@@ -448,4 +480,10 @@ def ingest_drops(storage: Storage, cfg: ObjectTypeConfig, *, drop_ids: Sequence[
         outcomes.append(outcome)
         if on_drop is not None:
             on_drop(outcome)
+    if drop_ids is None:
+        for drop_id, age_h in list_empty_drops(storage, cfg.name).items():
+            outcome = _empty_drop(storage, cfg, drop_id, age_h, cycle_id)
+            outcomes.append(outcome)
+            if on_drop is not None:
+                on_drop(outcome)
     return IngestReport(cfg.name, tuple(outcomes))

@@ -192,6 +192,19 @@ def test_a_champion_that_changed_during_the_cycle_stops_promotion(tmp_path: Path
     assert again.decisions["3"].promote
 
 
+def test_the_trigger_says_which_drops_are_empty(tmp_path: Path) -> None:
+    settings = CycleSettings(storage_uri=str(tmp_path / "storage"),
+                             mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "storage" / incoming_prefix(CFG.name) / "upload-1").mkdir(parents=True)
+    decision = trigger.check_new_data(CFG, settings)
+    assert not decision.retrain and decision.empty_drops == ["upload-1"]
+    assert decision.reason.endswith("; drop(s) upload-1 empty, waiting for files")
+    written = report.record_skip(CFG, settings, "c1", decision)
+    assert written is not None
+    saved = settings.storage().get_json(report_key(CFG.name, "c1"))
+    assert saved["check"]["empty_drops"] == ["upload-1"]
+
+
 # -- 9. the report ---------------------------------------------------------------------------
 
 

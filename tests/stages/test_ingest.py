@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from retrain_lib.core.config import ObjectTypeConfig
+from retrain_lib.core.config import IngestConfig, ObjectTypeConfig
 from retrain_lib.core.errors import StorageError
 from retrain_lib.core.storage import LocalStorage, Storage, open_storage
 from retrain_lib.devtools.synthetic import SceneSpec, make_drop
@@ -17,6 +19,7 @@ from retrain_lib.stages.ingest import (
     ingest_drops,
     list_catalog_scenes,
     list_drops,
+    list_empty_drops,
 )
 
 CFG = ObjectTypeConfig(name="vehicle", classes=["car", "truck"],
@@ -172,6 +175,40 @@ def test_storage_refuses_to_read_through_a_link_out_of_its_root(storage: LocalSt
             read()
     assert storage.links("a") == {"a/inner.txt": str(storage.path("a/inside.txt")),
                                   "a/link.txt": str(secret)}
+
+
+def test_an_empty_drop_waits_then_is_quarantined_with_a_reason(storage: LocalStorage,
+                                                                tmp_path: Path) -> None:
+    empty = storage.path("incoming/vehicle/empty")
+    (empty / "sub").mkdir(parents=True)  # folders only: still no file
+    upload(storage, drop_locally(tmp_path, "d1"), "d1")
+    assert list_drops(storage, "vehicle") == ["d1"]
+    assert list(list_empty_drops(storage, "vehicle")) == ["empty"]
+
+    report = ingest_drops(storage, CFG)
+    assert [o.status for o in report.outcomes] == ["cataloged", "waiting"]
+    [waiting] = report.waiting
+    assert waiting.notes[0].startswith("drop empty is empty (0.0 h old); waiting for files; "
+                                       "quarantined if still empty after 24 h")
+    assert report.to_dict()["waiting"] == 1 and empty.is_dir()
+
+    two_days_ago = time.time() - 48 * 3600
+    os.utime(empty, (two_days_ago, two_days_ago))
+    [outcome] = ingest_drops(storage, CFG).outcomes
+    assert outcome.status == "quarantined"
+    assert outcome.problems[0].problem.startswith(
+        "the drop folder has been empty for 48.0 h (limit 24 h, "
+        "ingest.empty_drop_quarantine_hours)")
+    assert quarantined(storage, "empty")["files"] == []
+    assert not empty.exists() and list_empty_drops(storage, "vehicle") == {}
+
+    # With no limit, an empty drop waits for ever, and says so.
+    forever = CFG.model_copy(update={"ingest": IngestConfig(empty_drop_quarantine_hours=None)})
+    (storage.path("incoming/vehicle/later")).mkdir()
+    os.utime(storage.path("incoming/vehicle/later"), (two_days_ago, two_days_ago))
+    [outcome] = ingest_drops(storage, forever).outcomes
+    assert outcome.status == "waiting" and outcome.notes == (
+        "drop later is empty (48.0 h old); waiting for files",)
 
 
 @pytest.mark.parametrize("breakage, file, expected", [
