@@ -15,6 +15,7 @@ import typer
 from retrain_lib import __version__
 from retrain_lib.cli import config, cycle, data, demo, inference, mining, models
 from retrain_lib.cli.render import console
+from retrain_lib.core.processes import stop_on_sigterm
 from retrain_lib.training.entrypoint import train_command
 
 __all__ = ["app", "main"]
@@ -60,5 +61,7 @@ for _name, _command in _COMMANDS.items():
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM stops a command as Ctrl-C does: the children it
+    started (servers, DAG runs, trainings) are stopped with it."""
+    stop_on_sigterm()
     app()

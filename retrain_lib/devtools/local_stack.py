@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from retrain_lib.core.errors import ConfigError, RetrainError
+from retrain_lib.core.processes import start_process, stop_process_group
 from retrain_lib.core.storage import S3Settings, Storage, open_storage
 from retrain_lib.cycle.settings import run_cycle_id
-from retrain_lib.training.runners.local import stop_process_group
 
 __all__ = [
     "TASK_STARTED",
@@ -201,8 +201,8 @@ class LocalStack:
         run_id, state, error = "", "", ""
         tasks: list[str] = []
         with open(log_path, "w", encoding="utf-8") as log_file:
-            proc = subprocess.Popen(command, env=self.process_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            proc = start_process(command, env=self.process_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
             try:
                 for line in proc.stdout:
@@ -216,9 +216,8 @@ class LocalStack:
                     if on_line is not None:
                         on_line(line)
                 code = proc.wait()
-            except BaseException:
-                proc.terminate()
-                proc.wait()
+            except BaseException:  # Ctrl-C, SIGTERM: the run's tasks and trainings stop too
+                stop_process_group(proc)
                 raise
         if not state:
             state = "success" if code == 0 else "failed"
@@ -293,9 +292,8 @@ def run_up(root: str | Path, *, configs: str | Path | None = None, airflow_port:
     try:
         for name, command in commands.items():
             with open(logs / f"{name}-up.log", "ab") as out:
-                procs[name] = subprocess.Popen(command, env=stack.process_env(), stdout=out,
-                                               stderr=subprocess.STDOUT, cwd=stack.root,
-                                               start_new_session=True)
+                procs[name] = start_process(command, env=stack.process_env(), stdout=out,
+                                            stderr=subprocess.STDOUT, cwd=stack.root)
         deadline = time.monotonic() + ready_timeout_s
         waiting = {"airflow": airflow_port, "mlflow": mlflow_port}
         while waiting:

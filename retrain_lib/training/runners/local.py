@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from retrain_lib.core.processes import start_process, stop_process_group
 from retrain_lib.training.contract import TrainRequest, TrainResult, parse_result_line
 from retrain_lib.training.runners.environment import (
     LOG_TAIL_LINES,
@@ -64,9 +64,10 @@ class LocalRunner:
         command = self.command(request, fresh=fresh)
         self.logger.info("starting training: %s", " ".join(command))
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        # Own session: on cancel the whole group (dataloader workers too) gets the signal.
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=self.cwd, start_new_session=True)
+        # Own group: on cancel the whole group (dataloader workers too) gets the signal; and
+        # it dies with this process, even when this one is killed outright.
+        proc = start_process(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=self.env, cwd=self.cwd)
         try:
             assert proc.stdout is not None
             for line in stream_lines(proc.stdout):
@@ -79,18 +80,3 @@ class LocalRunner:
         if code != 0:
             raise failure("training process", code, list(tail))
         return parse_result_line(list(tail))
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM a child's process group (the training marks its MLflow run KILLED), then
-    SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
