@@ -161,9 +161,14 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["candidate"] = candidate  # the mapped task's label in the UI
+            launch_pod = None
+            if cfg.runner.kind == "kubernetes":
+                from retrain_lib.airflow.kubernetes import pod_launcher
+
+                launch_pod = pod_launcher(cfg.runner.kubernetes, context)
             result = run_stage(models.train_candidate, cfg, current_cycle_id(context),
                                AssembledDataset.from_json(dataset), candidate,
-                               epochs=context["params"]["epochs"])
+                               epochs=context["params"]["epochs"], launch_pod=launch_pod)
             publish_mlflow_link(mlflow_run_page(result["mlflow_run_id"]), context)
             return result
 

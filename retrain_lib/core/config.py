@@ -39,6 +39,8 @@ __all__ = [
     "DockerRunnerConfig",
     "GuardMetric",
     "IngestConfig",
+    "KubernetesRunnerConfig",
+    "KubernetesToleration",
     "MiningConfig",
     "ObjectTypeConfig",
     "PromotionConfig",
@@ -311,12 +313,81 @@ class DockerRunnerConfig(StrictModel):
         return value
 
 
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_K8S_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$"
+
+
+class KubernetesToleration(StrictModel):
+    """One pod toleration (e.g. of the taint on GPU nodes)."""
+
+    key: str | None = Field(None, description="Taint key, e.g. nvidia.com/gpu.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal or Exists.")
+    value: str | None = Field(None, description="Taint value (with Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect; null: every effect.")
+
+
+class KubernetesRunnerConfig(StrictModel):
+    """Settings of the kubernetes training runner (a KubernetesPodOperator per training).
+
+    Credentials never live here: name the Kubernetes Secrets whose keys become the trainer's
+    environment (AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_PASSWORD...) in ``secrets``.
+    """
+
+    image: str = Field("autoretrain-trainer:latest", description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="When the node pulls the image.")
+    namespace: str = Field("airflow", pattern=_K8S_NAME, description="Namespace of the pods.")
+    kubernetes_conn_id: str = Field(
+        "kubernetes_default", description="Airflow connection to the cluster (in the "
+        "official Helm chart: in-cluster).")
+    service_account_name: str | None = Field(
+        None, pattern=_K8S_NAME, description="Service account of the pod (e.g. one bound "
+        "to an S3 role, instead of keys).")
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu requested (0: CPU only).")
+    cpu: str | None = Field(None, pattern=_K8S_QUANTITY,
+                            description="CPU request, e.g. '4' or '3500m'.")
+    memory: str | None = Field(None, pattern=_K8S_QUANTITY,
+                               description="Memory request and limit, e.g. '16Gi'.")
+    shm_size: str = Field("2Gi", pattern=_K8S_QUANTITY,
+                          description="Shared memory (/dev/shm) for dataloader workers.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pod must run on, e.g. "
+        "{nvidia.com/gpu.present: 'true'}.")
+    tolerations: list[KubernetesToleration] = Field(
+        default_factory=list, description="Taints the pod tolerates (GPU nodes are often "
+        "tainted).")
+    secrets: list[str] = Field(
+        default_factory=list, description="Kubernetes Secrets whose keys become the "
+        "trainer's environment variables (S3 keys, MLflow credentials).")
+    scratch_claim: str | None = Field(
+        None, pattern=_K8S_NAME, description="PersistentVolumeClaim mounted at /scratch, so "
+        "a retried training resumes from its last checkpoint; null: an emptyDir (a retry "
+        "starts over).")
+    startup_timeout_s: int = Field(600, ge=30, description="How long the pod may take to "
+                                   "start (image pull, scheduling) before the task fails.")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(_K8S_NAME, name):
+                raise ValueError(f"secret name {name!r} is not a Kubernetes name (lower-case "
+                                 "letters, digits and '-')")
+        return value
+
+
 class RunnerConfig(StrictModel):
     """Where training runs."""
 
-    kind: Literal["local", "docker"] = Field("local", description="Training runner.")
+    kind: Literal["local", "docker", "kubernetes"] = Field(
+        "local", description="Training runner: a local process, a Docker container, or a "
+        "Kubernetes pod (inside Airflow only).")
     docker: DockerRunnerConfig = Field(default_factory=DockerRunnerConfig,
         description="Docker runner settings (used when kind is docker).")
+    kubernetes: KubernetesRunnerConfig = Field(
+        default_factory=KubernetesRunnerConfig,
+        description="Kubernetes runner settings (used when kind is kubernetes).")
 
 
 class ObjectTypeConfig(StrictModel):

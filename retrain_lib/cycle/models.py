@@ -31,6 +31,7 @@ from retrain_lib.stages.inference import DetectOptions, Detector, detect_scene, 
 from retrain_lib.stages.registry import Candidate
 from retrain_lib.training.contract import TrainRequest
 from retrain_lib.training.runners import run_training
+from retrain_lib.training.runners.kubernetes import PodLauncher
 
 __all__ = [
     "EVAL_CONF",
@@ -50,8 +51,10 @@ TestScene = tuple[str, Path, Path, str]
 
 def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
                     dataset: AssembledDataset, candidate: str, *,
-                    epochs: int | None = None) -> TrainedCandidate:
+                    epochs: int | None = None,
+                    launch_pod: PodLauncher | None = None) -> TrainedCandidate:
     """Fine-tune one candidate through the configured runner; a re-run reuses its result.
+    ``launch_pod`` starts the kubernetes runner's pod (the Airflow task passes it).
 
     Warm-starts from the champion's pinned version when there is one (and
     ``training.warm_start``), else from ``training.initial_model``.
@@ -89,7 +92,8 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
         object_type=cfg.name, dataset_version=dataset.version,
         parent_model_version=parent, cycle_id=cycle_id, candidate=candidate,
         scratch=str(settings.scratch_dir("train")))
-    result = run_training(request, cfg.runner, environment=settings.training_environment())
+    result = run_training(request, cfg.runner, environment=settings.training_environment(),
+                          launch_pod=launch_pod)
     trained = TrainedCandidate.model_validate({
         **result.to_json(), "candidate": candidate, "parent_version": parent,
         "weights": weights})

@@ -36,7 +36,7 @@ from retrain_lib.devtools.local_stack import DagRunOutcome, LocalStack, project_
 from tests.conftest import BACKENDS, drop_region, put_folder, storage_backend
 
 DAGS, PLUGINS, SHIPPED_CONFIGS = project_folders()
-HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio")
+HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio", "kubernetes")
 RETRAIN_EDGES = {
     "check_new_data": {"ingest", "select_candidates", "report"},
     "ingest": {"list_scenes", "report"},
