@@ -72,6 +72,8 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
     """The retraining DAG of one object type."""
     champion = champion_asset(cfg.name)
     names = [c.name for c in cfg.training.candidates]
+    # Trainings go to the workers of their queue, and an Airflow pool bounds how many run.
+    placement = {k: v for k, v in (("queue", cfg.runner.queue), ("pool", cfg.runner.pool)) if v}
 
     @dag(
         dag_id=f"retrain_{cfg.name}",
@@ -153,7 +155,8 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                                            f"{names}")
             return chosen
 
-        @mlflow_task(map_index_template="{{ candidate }}", **retry_args(delay_s=300))
+        @mlflow_task(map_index_template="{{ candidate }}", **retry_args(delay_s=300),
+                     **placement)
         def train(candidate: str, dataset: dict[str, Any]) -> dict[str, Any]:
             from retrain_lib.airflow.links import mlflow_run_page
             from retrain_lib.cycle import models

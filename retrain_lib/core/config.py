@@ -388,6 +388,12 @@ class RunnerConfig(StrictModel):
     kubernetes: KubernetesRunnerConfig = Field(
         default_factory=KubernetesRunnerConfig,
         description="Kubernetes runner settings (used when kind is kubernetes).")
+    queue: str | None = Field(
+        None, min_length=1, description="Celery queue of the train tasks, e.g. 'train', "
+        "served only by the workers that should train (null: the default queue).")
+    pool: str | None = Field(
+        None, min_length=1, description="Airflow pool of the train tasks: with as many slots "
+        "as GPUs, no more trainings run at once (null: the default pool).")
 
 
 class ObjectTypeConfig(StrictModel):

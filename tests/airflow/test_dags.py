@@ -135,6 +135,8 @@ for dag in bag.dags.values():
         "start_tz": str(dag.start_date.tzinfo), "params": sorted(dag.params),
         "doc_md": dag.doc_md or "",
         "retries": {t.task_id: t.retries for t in dag.tasks},
+        "queues": {t.task_id: t.queue for t in dag.tasks},
+        "pools": {t.task_id: t.pool for t in dag.tasks},
         "backoff": {t.task_id: t.retry_exponential_backoff for t in dag.tasks},
         "outlets": {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks},
         "extra_links": {t.task_id: sorted(l.name for l in t.operator_extra_links)
@@ -231,6 +233,24 @@ def test_a_broken_config_is_an_import_error_and_the_other_types_keep_their_dags(
         assert error.startswith("ConfigError: 1 object-type config(s)")
     # ...and the valid type keeps both its DAGs.
     assert sorted(result["dags"]) == ["detect_vehicle", "retrain_vehicle"]
+
+
+def test_trainings_go_to_their_queue_and_pool(tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "vehicle.yaml").write_text(yaml.safe_dump(
+        {**TINY_CONFIG, "runner": {"queue": "train", "pool": "gpus"}}))
+    stack = _stack(tmp_path / "stack", configs, f"sqlite:///{tmp_path / 'airflow.db'}")
+    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), "x"],
+                          env=stack.process_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    result = json.loads(next(line for line in proc.stdout.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    dag = result["dags"]["retrain_vehicle"]
+    assert dag["queues"]["train"] == "train" and dag["pools"]["train"] == "gpus"
+    # Every other task stays on the default queue and pool.
+    assert {q for t, q in dag["queues"].items() if t != "train"} == {"default"}
+    assert {p for t, p in dag["pools"].items() if t != "train"} == {"default_pool"}
 
 
 PLUGIN_SCRIPT = """
