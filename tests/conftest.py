@@ -120,6 +120,8 @@ class Backend:
 
 
 BACKENDS = ["local", "s3"]
+PLANTED_SECRET = "planted-s3-secret-7f3a9c"
+"""The S3 backend's secret key: it must never appear in anything a cycle writes."""
 
 
 @contextlib.contextmanager
@@ -133,11 +135,12 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest) -> It
     import boto3
 
     endpoint = request.getfixturevalue("s3_endpoint")
+    # A recognisable secret: tests grep what a cycle wrote for it (moto accepts any key).
     s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
-                    aws_access_key_id="testing", aws_secret_access_key="testing")
+                    aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET)
     bucket = f"cycle-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing"
+                 aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET
                  ).create_bucket(Bucket=bucket)
     public, private = s3.environment()
     artifacts = f"s3://{bucket}/mlflow"

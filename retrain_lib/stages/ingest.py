@@ -57,6 +57,8 @@ __all__ = [
     "list_catalog_scenes",
     "list_drops",
     "list_empty_drops",
+    "list_unusable_drops",
+    "usable_drop_id",
 ]
 
 SCENE_SUFFIXES = (".tif", ".tiff")
@@ -82,7 +84,7 @@ class DropOutcome:
     """What happened to one drop (also what a cycle's report records of it)."""
 
     drop_id: str
-    status: Literal["cataloged", "quarantined", "waiting"]
+    status: Literal["cataloged", "quarantined", "waiting", "ignored"]
     scene_ids: tuple[str, ...] = ()
     annotations: int = 0
     problems: tuple[Problem, ...] = ()
@@ -139,9 +141,28 @@ def list_drops(storage: Storage, object_type: str) -> list[str]:
     if "" in linked:  # the type's folder itself, or one above it
         raise StorageError(f"{storage.url(prefix)}: a symbolic link is on the way to it; links "
                            "are never followed: make it a real folder in the storage root")
-    drops = {d for d in storage.list_children(prefix)
-             if d not in linked and not storage.exists(join_key(prefix, d))}  # a stray file
+    drops = {d for d in storage.list_children(prefix) if usable_drop_id(d)
+             and d not in linked and not storage.exists(join_key(prefix, d))}  # a stray file
     return sorted(drops | {d for d in linked if "/" not in d and d})
+
+
+def usable_drop_id(drop_id: str) -> bool:
+    """Whether a folder name can be a drop id: a key part that stays in its folder (not
+    ``.`` or ``..``, no backslash or NUL) and fits a file name (at most 255 bytes)."""
+    return (drop_id not in ("", ".", "..") and "\\" not in drop_id and "\x00" not in drop_id
+            and len(drop_id.encode("utf-8")) <= 255)
+
+
+def _stays_in_folder(key: str) -> bool:
+    """Whether a listed key stays in its folder (no ``.`` or ``..`` part)."""
+    return not any(part in (".", "..") for part in key.split("/"))
+
+
+def list_unusable_drops(storage: Storage, object_type: str) -> list[str]:
+    """Folder names in ``incoming/<type>/`` that cannot be drop ids: left where they are,
+    never read, and reported (see :func:`usable_drop_id`)."""
+    return [d for d in storage.list_children(incoming_prefix(object_type))
+            if not usable_drop_id(d)]
 
 
 def list_empty_drops(storage: Storage, object_type: str, now: float | None = None
@@ -345,10 +366,17 @@ def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
     links = storage.links(base)
     if links:
         return _quarantine_links(storage, cfg.name, drop_id, base, links, cycle_id)
-    keys = storage.list(base)
-    if not keys:
+    listed = storage.list(base)
+    if not listed:
         raise RetrainError(f"{storage.url(base)}: drop not found or empty")
+    # An object store takes keys with '.' or '..' parts; they would leave the drop's folder,
+    # so they are named in the reason and left where they are, unread.
+    keys = [k for k in listed if _stays_in_folder(k)]
+    climbing = [Problem(k[len(base) + 1:], "a path with '.' or '..' parts would leave the "
+                        "drop's folder; it is left in incoming/, unread")
+                for k in listed if not _stays_in_folder(k)]
     pairs, problems, has_metadata = _pair_files(keys, base)
+    problems = climbing + problems
     metadata: dict[str, str] = {}
     if has_metadata:
         metadata, meta_problems = _read_metadata(storage, join_key(base, DROP_METADATA))
@@ -481,6 +509,14 @@ def ingest_drops(storage: Storage, cfg: ObjectTypeConfig, *, drop_ids: Sequence[
         if on_drop is not None:
             on_drop(outcome)
     if drop_ids is None:
+        for name in list_unusable_drops(storage, cfg.name):
+            outcome = DropOutcome(name[:80], "ignored", notes=(
+                f"a drop named {name[:80]!r} cannot be ingested: a drop id must not be '.' or "
+                "'..', hold '\\' or NUL, or exceed 255 bytes; rename the folder (it is left "
+                "in incoming/, unread)",))
+            outcomes.append(outcome)
+            if on_drop is not None:
+                on_drop(outcome)
         for drop_id, age_h in list_empty_drops(storage, cfg.name).items():
             outcome = _empty_drop(storage, cfg, drop_id, age_h, cycle_id)
             outcomes.append(outcome)

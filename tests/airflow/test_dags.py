@@ -33,7 +33,13 @@ import yaml
 
 from retrain_lib.core.storage import LocalStorage, S3Settings, S3Storage, Storage
 from retrain_lib.devtools.local_stack import DagRunOutcome, LocalStack, project_folders
-from tests.conftest import BACKENDS, drop_region, put_folder, storage_backend
+from tests.conftest import (
+    BACKENDS,
+    PLANTED_SECRET,
+    drop_region,
+    put_folder,
+    storage_backend,
+)
 
 DAGS, PLUGINS, SHIPPED_CONFIGS = project_folders()
 HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio", "kubernetes")
@@ -599,6 +605,25 @@ def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scena
     assert _registry(scenario).champion().version == champion
     assert len([d for d in scenario.storage.list_children("datasets/vehicle/")
                 if d.startswith("ds-")]) == 2
+
+
+@pytest.mark.slow
+def test_no_credential_appears_in_anything_the_cycles_wrote(scenario: Scenario) -> None:
+    if scenario.backend != "s3":
+        pytest.skip("only the S3 backend has a secret key to leak")
+    secret = PLANTED_SECRET.encode()
+    storage = scenario.storage
+    leaks = [key for key in storage.list() if secret in storage.get_bytes(key)]
+    # Task logs, run logs, the MLflow server's database and artifacts beside it, scratch.
+    root = scenario.stack.root.parent
+    leaks += [str(p) for p in root.rglob("*") if p.is_file() and p.suffix not in (
+        ".tif", ".pt", ".jpg") and secret in p.read_bytes()]
+    # XComs, rendered templates and connections' logs in the metadata database.
+    for table, column in (("xcom", "value"), ("rendered_task_instance_fields", "rendered_fields"),
+                          ("log", "extra")):
+        rows = _query(scenario.stack, f"SELECT CAST({column} AS TEXT) FROM {table}")
+        leaks += [f"{table}.{column}" for (value,) in rows if value and PLANTED_SECRET in value]
+    assert leaks == []
 
 
 @pytest.mark.slow

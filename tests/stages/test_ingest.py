@@ -313,6 +313,37 @@ def test_report_counts(storage: LocalStorage, tmp_path: Path) -> None:
     assert summary["scene_ids"] == ["a-s0"] and summary["new_annotations"] == 6
 
 
+def test_drop_names_that_would_escape_their_folder_are_left_alone(s3_bucket: str,
+                                                                    tmp_path: Path) -> None:
+    import boto3
+
+    storage = open_storage(f"s3://{s3_bucket}/root")
+    client = boto3.client("s3", endpoint_url=os.environ["AUTORETRAIN_S3_ENDPOINT_URL"])
+    names = ["..", "x" * 300, "ok", "with space"]
+    for i, name in enumerate(names):  # S3 takes any key; a folder name could not hold these
+        folder = drop_locally(tmp_path, f"d{i}", seed=i)
+        for path in sorted(folder.iterdir()):
+            client.upload_file(str(path), s3_bucket, f"root/incoming/vehicle/{name}/{path.name}")
+    # A drop holding a key that climbs out of it: that key is refused and left, unread.
+    client.put_object(Bucket=s3_bucket, Key="root/incoming/vehicle/ok/../../escape.tif", Body=b"1")
+    report = ingest_drops(storage, CFG)
+    status = {o.drop_id: o.status for o in report.outcomes}
+    assert status == {"ok": "quarantined", "with space": "cataloged", "..": "ignored",
+                      "x" * 80: "ignored"}
+    [climbing] = next(o for o in report.outcomes if o.drop_id == "ok").problems
+    assert climbing.file == "../../escape.tif"
+    assert "'.' or '..'" in climbing.problem
+    ignored = {o.drop_id: o.notes[0] for o in report.outcomes if o.status == "ignored"}
+    assert "cannot be ingested: a drop id must not be '.' or '..'" in ignored[".."]
+    # Nothing outside incoming/<type>/ was read or written for them, and they are still there.
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="root/")[
+        "Contents"]}
+    assert {f"root/incoming/vehicle/../{p.name}" for p in folder.iterdir()} <= keys
+    assert "root/incoming/vehicle/ok/../../escape.tif" in keys
+    assert not [k for k in keys if k.startswith("root/incoming/../")
+                or not k.startswith("root/")]
+
+
 def test_ingest_over_s3(s3_bucket: str, tmp_path: Path) -> None:
     storage = open_storage(f"s3://{s3_bucket}/root")
     upload(storage, drop_locally(tmp_path, "d1"), "d1")
