@@ -608,9 +608,9 @@ def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scena
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["s3"], indirect=True)  # the backend with a secret key
 def test_no_credential_appears_in_anything_the_cycles_wrote(scenario: Scenario) -> None:
-    if scenario.backend != "s3":
-        pytest.skip("only the S3 backend has a secret key to leak")
+    assert scenario.backend == "s3"
     secret = PLANTED_SECRET.encode()
     storage = scenario.storage
     leaks = [key for key in storage.list() if secret in storage.get_bytes(key)]
