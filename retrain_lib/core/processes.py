@@ -10,11 +10,13 @@ SIGTERM, or killed outright. Three pieces make that true:
 - :func:`start_process` starts a child in its own process group (so the whole group, workers
   included, can be signalled at once) that Linux also sends SIGTERM when its parent dies,
   even by SIGKILL.
-- :func:`stop_process_group` stops that group: SIGTERM, then SIGKILL after a grace period.
+- :func:`stop_process_group` stops that group and every descendant (servers start some in
+  groups of their own): SIGTERM, then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -62,18 +65,34 @@ def start_process(command: Sequence[str], *, env: Mapping[str, str] | None = Non
 
 
 def stop_process_group(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
-    """SIGTERM a child's process group (a training marks its MLflow run KILLED), then
-    SIGKILL what is left after ``grace_s``."""
+    """SIGTERM a child's process group and every descendant (a server may start some in
+    groups of their own; a training marks its MLflow run KILLED), then SIGKILL what is left
+    after ``grace_s``."""
+    import psutil
+
     if proc.poll() is not None:
         return
     try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    except ProcessLookupError:
-        pass
+    _, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def stop_on_sigterm() -> None:
