@@ -155,17 +155,23 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The DAG folder parsed by Airflow's DagBag over the shipped configs, in a fresh process."""
-    home = tmp_path_factory.mktemp("airflow-parse")
-    stack = _stack(home, SHIPPED_CONFIGS, f"sqlite:///{home / 'airflow.db'}", retries=None)
-    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS),
-                           ",".join(HEAVY_MODULES)], env=stack.process_env(), cwd=home,
-                          capture_output=True, text=True, timeout=300, check=False)
+def _parse_dags(stack: LocalStack, heavy: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The DAG folder parsed by Airflow's DagBag with ``stack``'s settings, in a fresh process;
+    ``heavy`` names the modules whose import at parse time is reported."""
+    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), ",".join(heavy)],
+                          env=stack.process_env(), cwd=stack.root, capture_output=True,
+                          text=True, timeout=300, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The DAG folder parsed over the shipped configs."""
+    home = tmp_path_factory.mktemp("airflow-parse")
+    return _parse_dags(_stack(home, SHIPPED_CONFIGS, f"sqlite:///{home / 'airflow.db'}",
+                              retries=None), HEAVY_MODULES)
 
 
 def test_every_config_yields_a_retrain_and_a_detect_dag(parsed: dict[str, Any]) -> None:
@@ -226,12 +232,8 @@ def test_a_broken_config_is_an_import_error_and_the_other_types_keep_their_dags(
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     (configs / "ship.yaml").write_text(broken if isinstance(broken, str)
                                        else yaml.safe_dump(broken))
-    stack = _stack(tmp_path / "stack", configs, f"sqlite:///{tmp_path / 'airflow.db'}")
-    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), "x"],
-                          env=stack.process_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
-    result = json.loads(next(line for line in proc.stdout.splitlines()
-                             if line.startswith("RESULT "))[len("RESULT "):])
+    result = _parse_dags(_stack(tmp_path / "stack", configs,
+                                f"sqlite:///{tmp_path / 'airflow.db'}"))
     # Each DAG file shows one import error that names the broken file and what is wrong...
     assert sorted(Path(k).name for k in result["import_errors"]) == ["detect.py", "retrain.py"]
     for error in result["import_errors"].values():
@@ -246,12 +248,8 @@ def test_trainings_go_to_their_queue_and_pool(tmp_path: Path) -> None:
     configs.mkdir()
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(
         {**TINY_CONFIG, "runner": {"queue": "train", "pool": "gpus"}}))
-    stack = _stack(tmp_path / "stack", configs, f"sqlite:///{tmp_path / 'airflow.db'}")
-    proc = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(DAGS), "x"],
-                          env=stack.process_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
-    result = json.loads(next(line for line in proc.stdout.splitlines()
-                             if line.startswith("RESULT "))[len("RESULT "):])
+    result = _parse_dags(_stack(tmp_path / "stack", configs,
+                                f"sqlite:///{tmp_path / 'airflow.db'}"))
     dag = result["dags"]["retrain_vehicle"]
     assert dag["queues"]["train"] == "train" and dag["pools"]["train"] == "gpus"
     # Every other task stays on the default queue and pool.
