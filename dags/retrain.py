@@ -181,7 +181,8 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             from retrain_lib.cycle.results import AssembledDataset, TrainedCandidate
 
             return run_stage(models.evaluate_models, cfg, AssembledDataset.from_json(dataset),
-                             [TrainedCandidate.from_json(t) for t in trained])
+                             [TrainedCandidate.from_json(t) for t in trained],
+                             cycle_id=current_cycle_id())
 
         @mlflow_task
         def register_and_promote(dataset: dict[str, Any], trained: list[dict[str, Any]],

@@ -21,6 +21,7 @@ __all__ = [
     "ENV_CONFIGS",
     "ENV_DETECT_SCHEDULE",
     "ENV_TASK_RETRIES",
+    "ENV_TASK_RETRY_DELAY",
     "broken_configs_dag",
     "champion_asset",
     "default_configs_dir",
@@ -33,6 +34,8 @@ ENV_CONFIGS = "AUTORETRAIN_CONFIGS"
 """Folder of object-type YAML files the DAG files read (default: the repo's configs)."""
 ENV_TASK_RETRIES = "AUTORETRAIN_TASK_RETRIES"
 """Retries of each task that can fail transiently (default 3; the demo and tests use 0)."""
+ENV_TASK_RETRY_DELAY = "AUTORETRAIN_TASK_RETRY_DELAY_S"
+"""Seconds before every task's first retry (default: 60, and 300 for ``train``)."""
 ENV_DETECT_SCHEDULE = "AUTORETRAIN_DETECT_SCHEDULE"
 """Cron expression of the detect DAGs' time schedule (default hourly)."""
 
@@ -80,11 +83,19 @@ def retry_args(retries: int | None = None, *, delay_s: float = 60,
                max_delay_s: float = 1800) -> dict[str, Any]:
     """Task arguments for a step that can fail transiently: retries with exponential backoff.
 
-    ``retries`` defaults to $AUTORETRAIN_TASK_RETRIES, else 3.
+    ``retries`` defaults to $AUTORETRAIN_TASK_RETRIES, else 3; $AUTORETRAIN_TASK_RETRY_DELAY_S,
+    when set, replaces ``delay_s``.
     """
     if retries is None:
         raw = os.environ.get(ENV_TASK_RETRIES, "")
         retries = int(raw) if raw.strip().isdigit() else DEFAULT_RETRIES
+    raw_delay = os.environ.get(ENV_TASK_RETRY_DELAY, "").strip()
+    if raw_delay:
+        try:
+            delay_s = float(raw_delay)
+        except ValueError:
+            raise ConfigError(f"${ENV_TASK_RETRY_DELAY}={raw_delay!r}: expected a number of "
+                              "seconds") from None
     return {"retries": retries, "retry_delay": timedelta(seconds=delay_s),
             "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(seconds=max_delay_s)}
 

@@ -159,6 +159,17 @@ def report_markdown_key(object_type: str, cycle_id: str) -> str:
     return join_key("cycles", object_type, cycle_id, "report.md")
 
 
+def cycle_ingest_key(object_type: str, cycle_id: str) -> str:
+    """The drops a cycle cataloged or quarantined, over all its runs (a rerun after a crash
+    finds the rest of the drops, and the report still names them all)."""
+    return join_key("cycles", object_type, cycle_id, "ingest.json")
+
+
+def cycle_dataset_key(object_type: str, cycle_id: str) -> str:
+    """The dataset version a cycle assembled: a rerun of the cycle trains on the same one."""
+    return join_key("cycles", object_type, cycle_id, "dataset.json")
+
+
 def cycle_state_key(object_type: str) -> str:
     """What the last trainings of an object type used (scenes, dataset version, time)."""
     return join_key("cycles", object_type, "state.json")

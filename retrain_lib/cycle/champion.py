@@ -26,16 +26,17 @@ def version_detector(cfg: ObjectTypeConfig, settings: CycleSettings, version: st
                          tracking_uri=settings.tracking_uri)
 
 
-def champion_detector(cfg: ObjectTypeConfig, settings: CycleSettings
+def champion_detector(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str
                       ) -> tuple[str, Detector] | None:
-    """The current champion's version and a loaded detector, or None before the first one.
+    """The version cycle ``cycle_id`` is measured against and a loaded detector, or None
+    before the first champion (see :meth:`ModelRegistry.champion_for_cycle`).
 
     The version is pinned, so an alias moved meanwhile cannot swap the model under a stage.
 
     Raises:
         RegistryUnavailable: MLflow did not answer (never read as "no champion").
     """
-    champion = registry(cfg, settings).champion()
+    champion = registry(cfg, settings).champion_for_cycle(cycle_id)
     if champion is None:
         return None
     return champion.version, version_detector(cfg, settings, champion.version)

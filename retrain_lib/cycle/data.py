@@ -13,6 +13,8 @@ from retrain_lib.core.layout import (
     SHARD_INDEX,
     catalog_scene_key,
     chips_prefix,
+    cycle_dataset_key,
+    cycle_ingest_key,
     hard_cycle_prefix,
     hard_manifest_key,
     hard_prefix,
@@ -24,7 +26,12 @@ from retrain_lib.cycle.results import AssembledDataset, IngestSummary, TiledScen
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.state import load_state
 from retrain_lib.stages.dataset import assemble_dataset
-from retrain_lib.stages.ingest import ingest_drops, list_catalog_scenes
+from retrain_lib.stages.ingest import (
+    DropOutcome,
+    IngestReport,
+    ingest_drops,
+    list_catalog_scenes,
+)
 from retrain_lib.stages.tiling import params_hash, tile_scene
 
 __all__ = [
@@ -42,13 +49,33 @@ log = logging.getLogger(__name__)
 
 
 def ingest(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str) -> IngestSummary:
-    """Catalog good drops, quarantine bad ones (see :mod:`retrain_lib.stages.ingest`)."""
-    report = ingest_drops(settings.storage(), cfg,
-                          scratch=settings.scratch_dir(f"ingest-{cycle_id}"), cycle_id=cycle_id,
-                          on_drop=lambda o: log.info("drop %s: %s %s", o.drop_id, o.status,
-                                                     [p.problem for p in o.problems]
-                                                     + list(o.notes)))
-    return IngestSummary.model_validate(report.to_dict())
+    """Catalog good drops, quarantine bad ones (see :mod:`retrain_lib.stages.ingest`).
+
+    The summary covers every run of the cycle: the drops an earlier, stopped run cataloged
+    or quarantined are still in it (recorded as each drop is done).
+    """
+    storage = settings.storage()
+    record = cycle_ingest_key(cfg.name, cycle_id)
+    earlier = IngestSummary.from_json(storage.get_json(record)).drops \
+        if storage.exists(record) else []
+    done: dict[str, DropOutcome] = {o.drop_id: o for o in earlier
+                                    if o.status in ("cataloged", "quarantined")}
+
+    def on_drop(outcome: DropOutcome) -> None:
+        log.info("drop %s: %s %s", outcome.drop_id, outcome.status,
+                 [p.problem for p in outcome.problems] + list(outcome.notes))
+        if outcome.status in ("cataloged", "quarantined"):
+            done[outcome.drop_id] = outcome
+            storage.put_json(record, _summary(cfg.name, list(done.values())).to_json())
+
+    report = ingest_drops(storage, cfg, scratch=settings.scratch_dir(f"ingest-{cycle_id}"),
+                          cycle_id=cycle_id, on_drop=on_drop)
+    others = [o for o in report.outcomes if o.status not in ("cataloged", "quarantined")]
+    return _summary(cfg.name, [*done.values(), *others])
+
+
+def _summary(object_type: str, outcomes: list[DropOutcome]) -> IngestSummary:
+    return IngestSummary.model_validate(IngestReport(object_type, tuple(outcomes)).to_dict())
 
 
 def scene_shard_prefix(cfg: ObjectTypeConfig, scene_id: str) -> str:
@@ -126,8 +153,16 @@ def hard_shards(storage: Storage, object_type: str) -> list[str]:
 
 def assemble(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str
              ) -> AssembledDataset:
-    """Assemble the dataset version from every cataloged scene and every hard shard so far."""
+    """Assemble the dataset version from every cataloged scene and every hard shard so far.
+
+    A cycle assembles once: a rerun (after a crash, or of a finished cycle) gets the version
+    the first run assembled, so what it trains, evaluates and reports is what the first run's
+    trainings used, even if drops were cataloged meanwhile.
+    """
     storage = settings.storage()
+    pinned = cycle_dataset_key(cfg.name, cycle_id)
+    if storage.exists(pinned):
+        return AssembledDataset.from_json({**storage.get_json(pinned), "reused": True})
     manifests = list_catalog_scenes(storage, cfg.name)
     if not manifests:
         raise RetrainError(f"{cfg.name}: the catalog is empty; nothing to train on")
@@ -143,6 +178,8 @@ def assemble(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str
                                hard_shards=hard, cycle_id=cycle_id,
                                parent_version=load_state(storage, cfg.name).last_dataset_version
                                or "")
-    return AssembledDataset.model_validate({
+    assembled = AssembledDataset.model_validate({
         **version.to_json(), "url": storage.url(version.prefix),
         "scene_ids": sorted(scene_shards), "hard_shards": len(hard)})
+    storage.put_json(pinned, assembled.to_json())
+    return assembled

@@ -75,7 +75,9 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
         return MiningSummary.from_json({**storage.get_json(manifest_key), "reused": True})
     if not cfg.mining.enabled:
         return MiningSummary(skipped="mining is disabled in the config", counts={})
-    champion = registry(cfg, settings).champion()
+    # The champion the cycle started with: a rerun that finds its own promotion done must not
+    # mine its own model's mistakes.
+    champion = registry(cfg, settings).champion_for_cycle(cycle_id)
     if champion is None:
         return MiningSummary(skipped="no champion yet: nothing to learn from", counts={})
     if new_scene_ids is None:

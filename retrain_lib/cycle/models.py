@@ -72,7 +72,8 @@ def train_candidate(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: st
     if storage.exists(result_key):
         return TrainedCandidate.from_json({**storage.get_json(result_key),
                                            "candidate": candidate, "reused": True})
-    champion = registry(cfg, settings).champion() if cfg.training.warm_start else None
+    champion = registry(cfg, settings).champion_for_cycle(cycle_id) \
+        if cfg.training.warm_start else None
     if champion is not None:
         weights, parent = version_uri(cfg, champion.version), champion.version
     else:
@@ -138,8 +139,11 @@ def score_detector(detector: Detector, cfg: ObjectTypeConfig, tests: Sequence[Te
 
 
 def evaluate_models(cfg: ObjectTypeConfig, settings: CycleSettings, dataset: AssembledDataset,
-                    trained: Sequence[TrainedCandidate]) -> Evaluation:
+                    trained: Sequence[TrainedCandidate], *, cycle_id: str) -> Evaluation:
     """Score every candidate and the champion on the same frozen test scenes, now.
+
+    The champion is the one the cycle started with, even on a rerun that finds its own
+    promotion already done.
 
     Raises:
         RetrainError: the frozen test set is empty.
@@ -160,7 +164,7 @@ def evaluate_models(cfg: ObjectTypeConfig, settings: CycleSettings, dataset: Ass
         detector = load_detector(item.weights_uri, device=cfg.training.device,
                                  tracking_uri=settings.tracking_uri)
         candidates[item.candidate] = score_detector(detector, cfg, tests)
-    champion = champion_detector(cfg, settings)
+    champion = champion_detector(cfg, settings, cycle_id)
     if champion is None:
         return Evaluation(test_scenes=list(dataset.test_scenes), candidates=candidates)
     version, detector = champion
@@ -189,19 +193,25 @@ def register_and_promote(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_i
         versions[item.candidate] = version
         candidates.append(Candidate(version, scores))
     scored = evaluation.champion
-    current = models.champion()
-    if current is not None and (scored is None or scored.version != current.version):
-        raise RetrainError(f"{cfg.name}: the champion changed to v{current.version} during the "
+    baseline = models.champion_for_cycle(cycle_id)
+    if (baseline.version if baseline else None) != (scored.version if scored else None):
+        raise RetrainError(f"{cfg.name}: the champion changed to "
+                           f"{'v' + baseline.version if baseline else 'none'} during the "
                            "cycle; re-run the evaluate stage")
     tags = {c.version: models.get_version(c.version).tags for c in candidates}
-    if current is not None and all(t.get("decision") for t in tags.values()):
-        # A re-run of a finished cycle: every candidate was already decided. The report keeps
-        # what the first run decided, the promotion included.
+    if all(t.get("decision") for t in tags.values()):
+        # A rerun of a finished cycle, or of one stopped while it promoted: every candidate
+        # was already decided. The report keeps what the first run decided, and an alias
+        # move that the stopped run did not get to is made now.
         promoted = [v for v, t in tags.items() if t.get("decision") == "promoted"]
+        if promoted:
+            models.finish_promotion(promoted[0])
+        current = models.champion()
         return PromotionResult(
             versions=versions, promoted_version=promoted[0] if promoted else None, reused=True,
-            champion_version=current.version,
-            champion_uri=models.model_uri(), decisions={
+            previous_champion=baseline.version if baseline else None,
+            champion_version=current.version if current else None,
+            champion_uri=models.model_uri() if current else None, decisions={
                 v: GateRecord(promote=t.get("decision") == "promoted",
                               reason=t.get("decision_reason", "")) for v, t in tags.items()})
     outcome = models.promote_if_better(candidates, scored.metrics.headline() if scored else None,

@@ -49,7 +49,8 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
     names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]
     trained = done("trained", [train_candidate(cfg, settings, cycle_id, dataset, n,
                                                epochs=epochs) for n in names])
-    evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained))
+    evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained,
+                                                          cycle_id=cycle_id))
     done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
                                            evaluation))
     return report()

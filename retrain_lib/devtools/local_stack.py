@@ -88,6 +88,7 @@ class LocalStack:
     configs_dir: Path
     database_url: str | None = None
     task_retries: int | None = None
+    task_retry_delay_s: float | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     extra_env: Mapping[str, str] = field(default_factory=dict)
     storage: str | None = None
@@ -154,6 +155,8 @@ class LocalStack:
         env.update(self.extra_env)
         if self.task_retries is not None:
             env["AUTORETRAIN_TASK_RETRIES"] = str(self.task_retries)
+        if self.task_retry_delay_s is not None:
+            env["AUTORETRAIN_TASK_RETRY_DELAY_S"] = str(self.task_retry_delay_s)
         return env
 
     def process_env(self) -> dict[str, str]:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, TypeAdapter
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from retrain_lib.core.config import ObjectTypeConfig
@@ -176,12 +176,15 @@ def list_empty_drops(storage: Storage, object_type: str, now: float | None = Non
 
 def _empty_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, age_h: float,
                 cycle_id: str) -> DropOutcome:
+    base = join_key(incoming_prefix(cfg.name), drop_id)
+    finished = _finish_interrupted(storage, cfg.name, drop_id, base, [])
+    if finished is not None:  # emptied by a run stopped just before it was done
+        return finished
     limit = cfg.ingest.empty_drop_quarantine_hours
     if limit is None or age_h < limit:
         later = f"; quarantined if still empty after {limit:g} h" if limit is not None else ""
         return DropOutcome(drop_id, "waiting", notes=(
             f"drop {drop_id} is empty ({age_h:.1f} h old); waiting for files{later}",))
-    base = join_key(incoming_prefix(cfg.name), drop_id)
     outcome = _quarantine(storage, cfg.name, drop_id, base, [], [Problem(
         ".", f"the drop folder has been empty for {age_h:.1f} h (limit {limit:g} h, "
         "ingest.empty_drop_quarantine_hours); expected <stem>.tif scenes with their "
@@ -343,20 +346,34 @@ def _strip_path(message: str, local: Path) -> str:
 
 
 IN_PROGRESS_MARKER = ".quarantine-in-progress"
+CATALOGED_MARKER = ".autoretrain-cataloged.json"
 
 
 def _quarantine_target(storage: Storage, object_type: str, drop_id: str) -> str:
     """A free quarantine folder, or this drop's own half-finished one after a crash.
 
     A drop id that was quarantined before (fixed and dropped again under the same id, then
-    rejected again) gets ``<drop_id>-2``, ``-3``..., so earlier reasons are never overwritten.
+    rejected again) gets ``<drop_id>-2``, ``-3``..., so earlier reasons are never overwritten:
+    a folder with a ``reason.json`` is never reused.
     """
+    folders = _quarantine_folders(storage, object_type, drop_id)
+    if folders and storage.exists(join_key(folders[-1], IN_PROGRESS_MARKER)) and \
+            not storage.exists(join_key(folders[-1], "reason.json")):
+        return folders[-1]
+    return _numbered(join_key(quarantine_prefix(object_type), drop_id), len(folders) + 1)
+
+
+def _numbered(base: str, n: int) -> str:
+    return base if n == 1 else f"{base}-{n}"
+
+
+def _quarantine_folders(storage: Storage, object_type: str, drop_id: str) -> list[str]:
+    """The quarantine folders a drop id has so far, oldest first."""
     base = join_key(quarantine_prefix(object_type), drop_id)
-    target, n = base, 1
-    while storage.list(target) and not storage.exists(join_key(target, IN_PROGRESS_MARKER)):
-        n += 1
-        target = f"{base}-{n}"
-    return target
+    folders: list[str] = []
+    while storage.list(_numbered(base, len(folders) + 1)):
+        folders.append(_numbered(base, len(folders) + 1))
+    return folders
 
 
 def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
@@ -367,6 +384,9 @@ def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
     if links:
         return _quarantine_links(storage, cfg.name, drop_id, base, links, cycle_id)
     listed = storage.list(base)
+    finished = _finish_interrupted(storage, cfg.name, drop_id, base, listed)
+    if finished is not None:
+        return finished
     if not listed:
         raise RetrainError(f"{storage.url(base)}: drop not found or empty")
     # An object store takes keys with '.' or '..' parts; they would leave the drop's folder,
@@ -405,11 +425,55 @@ def ingest_drop(storage: Storage, cfg: ObjectTypeConfig, drop_id: str, *,
                                metadata, cycle_id)
         for scene in valid:
             _catalog_scene(storage, cfg.name, scene, metadata, cycle_id)
+    outcome = DropOutcome(drop_id, "cataloged", tuple(s.scene_id for s in valid),
+                          sum(s.manifest["objects"] for s in valid), (), tuple(notes),
+                          storage.url(catalog_prefix(cfg.name)))
+    # The marker lets a rerun after a crash finish removing the drop as this run decided,
+    # instead of judging what is left of it.
+    marker = join_key(base, CATALOGED_MARKER)
+    storage.put_json(marker, outcome.to_dict())
     for key in keys:
         storage.delete(key)
-    return DropOutcome(drop_id, "cataloged", tuple(s.scene_id for s in valid),
-                       sum(s.manifest["objects"] for s in valid), (), tuple(notes),
-                       storage.url(catalog_prefix(cfg.name)))
+    storage.delete(marker)
+    return outcome
+
+
+def _finish_interrupted(storage: Storage, object_type: str, drop_id: str, base: str,
+                        listed: Sequence[str]) -> DropOutcome | None:
+    """The outcome of a drop that a stopped run had cataloged or quarantined and begun to
+    remove from ``incoming/``: the removal is finished as that run decided. None otherwise."""
+    marker = join_key(base, CATALOGED_MARKER)
+    if marker in listed:
+        outcome = TypeAdapter(DropOutcome).validate_python(storage.get_json(marker))
+        for key in listed:
+            if key != marker:
+                storage.delete(key)
+        storage.delete(marker)
+        return outcome
+    folders = _quarantine_folders(storage, object_type, drop_id)
+    if not folders:
+        return None
+    target = folders[-1]
+    in_progress = join_key(target, IN_PROGRESS_MARKER)
+    reason_key = join_key(target, "reason.json")
+    if not (storage.exists(in_progress) and storage.exists(reason_key)):
+        return None
+    reason = storage.get_json(reason_key)
+    for key in listed:
+        copy = join_key(target, _quarantined_name(key[len(base) + 1:]))
+        if not storage.exists(copy):  # a file added after the crash is kept too
+            storage.copy(key, copy)
+        storage.delete(key)
+    storage.delete(in_progress)
+    storage.remove_empty_folder(base)
+    return DropOutcome(drop_id, "quarantined", (), 0,
+                       tuple(Problem(**p) for p in reason["problems"]),
+                       tuple(reason["notes"]), storage.url(target))
+
+
+def _quarantined_name(name: str) -> str:
+    # Never let an analyst's own file named reason.json shadow ours.
+    return "reason.original.json" if name == "reason.json" else name
 
 
 def _duplicates(storage: Storage, object_type: str, scenes: Sequence[_ValidScene],
@@ -466,10 +530,7 @@ def _quarantine(storage: Storage, object_type: str, drop_id: str, base: str,
     marker = join_key(target, IN_PROGRESS_MARKER)
     storage.put_bytes(marker, b"")
     for key in keys:
-        name = key[len(base) + 1:]
-        # Never let an analyst's own file named reason.json shadow ours.
-        storage.copy(key, join_key(target, "reason.original.json" if name == "reason.json"
-                                   else name))
+        storage.copy(key, join_key(target, _quarantined_name(key[len(base) + 1:])))
     storage.put_json(join_key(target, "reason.json"), reason)
     for key, name in links.items():
         storage.move_link(key, join_key(target, name))

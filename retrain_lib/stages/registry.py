@@ -291,14 +291,27 @@ class ModelRegistry:
                 self.client.set_model_version_tag(self.model_name, str(version), key,
                                                   str(value))
 
+    def champion_for_cycle(self, cycle_id: str) -> ModelVersionInfo | None:
+        """The champion a cycle is measured against: the current one, unless this cycle's own
+        promotion has already moved the alias (a rerun after a crash, or of a finished cycle):
+        then the version that promotion replaced (None if it was the first)."""
+        current = self.champion()
+        if (current is None or not cycle_id or current.tags.get("cycle_id") != cycle_id
+                or current.tags.get("decision") != "promoted"):
+            return current
+        replaced = current.tags.get("replaced_version", "")
+        return self.get_version(replaced) if replaced else None
+
     def _move_champion(self, version: str, reason: str, action: str) -> str | None:
         previous = self.champion()
-        with self._calling(f"moving the champion alias to version {version}"):
-            self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS,
-                                                   str(version))
+        # The decision is tagged before the alias moves: a run killed in between leaves a
+        # version that says what was decided and what it replaces, so a rerun can finish.
         self._tag(version, {"decision": action, "decision_reason": reason,
                             f"{action}_at": _now(),
                             "replaced_version": previous.version if previous else ""})
+        with self._calling(f"moving the champion alias to version {version}"):
+            self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS,
+                                                   str(version))
         with self._calling("recording the alias change"):
             self.client.set_registered_model_tag(
                 self.model_name, "last_alias_change",
@@ -345,6 +358,24 @@ class ModelRegistry:
         return PromotionOutcome(winner.version if winner else None,
                                 previous if winner else (current.version if current else None),
                                 final)
+
+    def finish_promotion(self, version: str) -> None:
+        """Move the alias to ``version``, already tagged ``decision=promoted`` by a run that
+        was stopped before it moved the alias."""
+        info = self.get_version(version)
+        current = self.champion()
+        if current is not None and current.version == info.version:
+            return
+        expected = info.tags.get("replaced_version", "")
+        if (current.version if current else "") != expected:
+            raise RetrainError(
+                f"{self.model_name}: v{info.version} was promoted over "
+                f"{'v' + expected if expected else 'no champion'}, but the champion is now "
+                f"{'v' + current.version if current else 'none'}; check the alias by hand "
+                "(autoretrain models) before re-running the cycle")
+        with self._calling(f"moving the champion alias to version {info.version}"):
+            self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS,
+                                                   info.version)
 
     def set_champion(self, version: str | int, reason: str, *, action: str = "promoted"
                      ) -> str | None:

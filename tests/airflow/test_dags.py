@@ -7,7 +7,8 @@ is a fresh PostgreSQL database on 127.0.0.1:5432 when one answers (and must be i
 
 One scenario runs the retraining DAG of a tiny config (128 px chips, 64 px training, 1 epoch)
 through two cycles, a re-run of the same logical date, a run without new data, and the detect
-DAG; the tests below check what each run left behind. The scenario runs twice: on local
+DAG; cycle 2's training is killed with SIGKILL mid-run, and Airflow's retry must finish it. The
+tests below check what each run left behind. The scenario runs twice: on local
 storage with MLflow in a SQLite file (the embedded default), and as the compose stack has it,
 with storage on S3 over HTTP (moto's server on 127.0.0.1) and a real MLflow server whose
 artifacts live in the same S3 server. Every check reads storage through the storage layer, so
@@ -22,12 +23,13 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -112,12 +114,13 @@ def metadata_database(fallback: Path) -> Iterator[str]:
 
 
 def _stack(root: Path, configs: Path, metadata_url: str, *, retries: int | None = 0,
-           storage: str | None = None, s3: S3Settings | None = None,
-           mlflow_uri: str | None = None) -> LocalStack:
+           retry_delay_s: float | None = None, storage: str | None = None,
+           s3: S3Settings | None = None, mlflow_uri: str | None = None) -> LocalStack:
     yolo = root / "yolo-config"
     yolo.mkdir(parents=True, exist_ok=True)
     return LocalStack(root=root, dags_folder=DAGS, plugins_folder=PLUGINS, configs_dir=configs,
-                      database_url=metadata_url, task_retries=retries, storage=storage, s3=s3,
+                      database_url=metadata_url, task_retries=retries,
+                      task_retry_delay_s=retry_delay_s, storage=storage, s3=s3,
                       mlflow_uri=mlflow_uri,
                       extra_env={"YOLO_CONFIG_DIR": str(yolo), "YOLO_OFFLINE": "1",
                                  "MPLBACKEND": "Agg"})
@@ -301,6 +304,8 @@ class Scenario:
     links: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)
     markdown: dict[str, str] = field(default_factory=dict)
     bad_drop: dict[str, bytes] = field(default_factory=dict)
+    killed_trainers: list[int] = field(default_factory=list)
+    try_numbers: dict[str, int] = field(default_factory=dict)
 
     @property
     def storage(self) -> Storage:
@@ -381,9 +386,10 @@ def scenario(request: pytest.FixtureRequest,
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     with metadata_database(root / "airflow.db") as metadata_url, \
             storage_backend(request.param, root, request) as backend:
-        stack = _stack(root / "stack", configs, metadata_url, storage=(
-            backend.storage_uri if backend.s3 else None), s3=backend.s3,
-            mlflow_uri=backend.mlflow_uri)
+        # One retry, soon: cycle 2's training is killed once, and Airflow must retry it.
+        stack = _stack(root / "stack", configs, metadata_url, retries=1, retry_delay_s=1,
+                       storage=(backend.storage_uri if backend.s3 else None), s3=backend.s3,
+                       mlflow_uri=backend.mlflow_uri)
         stack.migrate()
         yield _run_scenario(request.param, stack, root)
 
@@ -393,8 +399,10 @@ def _run_scenario(backend: str, stack: LocalStack, root: Path) -> Scenario:
     storage = stack.open_storage()
     incoming = "incoming/vehicle"
 
-    def run(name: str, dag_id: str, day: int, conf: dict[str, Any] | None = None) -> None:
-        outcome = stack.run_dag(dag_id, conf=conf, logical_date=datetime(2025, 6, day, tzinfo=UTC))
+    def run(name: str, dag_id: str, day: int, conf: dict[str, Any] | None = None,
+            on_line: Callable[[str], None] | None = None) -> None:
+        outcome = stack.run_dag(dag_id, conf=conf, logical_date=datetime(2025, 6, day, tzinfo=UTC),
+                                on_line=on_line)
         out.runs[name] = outcome
         out.states[name] = _task_states(stack, outcome)
         out.snapshots[name] = _snapshot(storage)
@@ -425,8 +433,25 @@ def _run_scenario(backend: str, stack: LocalStack, root: Path) -> Scenario:
         storage.put_file(scene, f"inference/incoming/vehicle/{scene.name}")
     run("detect", "detect_vehicle", 3)
     put_folder(storage, drops / "region-b", f"{incoming}/region-b")
-    run("cycle2", "retrain_vehicle", 4, {"candidates": ["a"], "epochs": 1})
+    run("cycle2", "retrain_vehicle", 4, {"candidates": ["a"], "epochs": 1},
+        on_line=lambda line: _kill_training_once(line, out.killed_trainers))
+    out.try_numbers = dict(_query(
+        stack, "SELECT task_id, try_number FROM task_instance WHERE dag_id = :dag AND "
+        "run_id = :run", dag="retrain_vehicle", run=out.runs["cycle2"].run_id))
     return out
+
+
+def _kill_training_once(line: str, killed: list[int]) -> None:
+    """SIGKILL the training process the first time its output says it started training."""
+    if killed or "Starting training for" not in line:
+        return
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "retrain_lib.training" in " ".join(proc.cmdline()):
+                proc.kill()
+                killed.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
 
 
 def _registry(scenario: Scenario) -> Any:
@@ -517,7 +542,8 @@ def test_rerun_of_the_same_logical_date_duplicates_nothing(scenario: Scenario) -
             if v.tags["cycle_id"] == first.cycle_id] == ["1", "2"]
     report = scenario.report("rerun")
     assert report["check"]["reason"] == "forced by the run's params"
-    assert report["ingest"]["cataloged"] == 0
+    # The cycle's ingest is the first run's: the rerun found no drop, and still names them.
+    assert report["ingest"] == scenario.report("cycle1")["ingest"]
     assert all(t["reused"] for t in report["tiles"])
     assert report["dataset"]["reused"] is True
     assert all(t["reused"] for t in report["trained"])
@@ -575,6 +601,13 @@ def test_detect_dag_writes_predictions_for_dropped_scenes(scenario: Scenario) ->
 def test_cycle_two_mines_stored_predictions_fine_tunes_and_gates(scenario: Scenario) -> None:
     run = scenario.runs["cycle2"]
     assert run.state == "success", run.log
+    # Its training was killed with SIGKILL mid-run; Airflow retried the task, which trained
+    # again and registered one version.
+    assert len(scenario.killed_trainers) == 1
+    assert scenario.try_numbers["train"] == 2, scenario.try_numbers
+    assert {t: n for t, n in scenario.try_numbers.items() if t != "train"} == {
+        t: 1 for t in scenario.try_numbers if t != "train"}, scenario.try_numbers
+    assert "training process" in run.log.read_text()
     states = scenario.states["cycle2"]
     assert [k for k in states if k.startswith("train")] == ["train[0]"]  # params: candidate a
     report = scenario.report("cycle2")

@@ -153,7 +153,7 @@ def test_an_empty_test_set_is_a_clear_error(tmp_path: Path) -> None:
                              mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(RetrainError, match="the frozen test set is empty; a region needs at "
                                            "least two scenes"):
-        models.evaluate_models(CFG, settings, _dataset([]), [])
+        models.evaluate_models(CFG, settings, _dataset([]), [], cycle_id="c1")
 
 
 def test_a_champion_that_changed_during_the_cycle_stops_promotion(tmp_path: Path) -> None:
@@ -182,14 +182,15 @@ def test_a_champion_that_changed_during_the_cycle_stops_promotion(tmp_path: Path
                                             evaluation)
     assert promotion.promoted_version == "3" and promotion.previous_champion == "2"
     assert promotion.decisions["3"].promote
-    # A re-run of the same cycle finds every candidate decided and changes nothing; what it
-    # hands on still says that this cycle promoted v3.
+    # A re-run of the same cycle is still measured against v2, the champion it started
+    # with, not against its own v3; it finds every candidate decided and changes nothing; what
+    # it hands on still says that this cycle promoted v3 over v2.
+    assert registry.champion_for_cycle("c1").version == "2"  # type: ignore[union-attr]
+    assert registry.champion_for_cycle("c2").version == "3"  # type: ignore[union-attr]
     again = models.register_and_promote(CFG, settings, "c1", _dataset(["t1"]), [new],
-                                        Evaluation(test_scenes=["t1"], candidates={
-                                            "new": _scores(0.6, 0.8)}, champion=ChampionScores(
-                                            version="3", metrics=_scores(0.6, 0.8))))
+                                        evaluation)
     assert again.reused and again.promoted_version == "3" and again.champion_version == "3"
-    assert again.decisions["3"].promote
+    assert again.decisions["3"].promote and again.previous_champion == "2"
 
 
 def test_the_trigger_says_which_drops_are_empty(tmp_path: Path) -> None:

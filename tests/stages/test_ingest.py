@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,6 +278,79 @@ def test_rerun_after_a_crash_neither_loses_nor_duplicates(storage: LocalStorage,
     assert outcome.status == "cataloged"
     assert [m["scene_id"] for m in list_catalog_scenes(storage, "vehicle")] == ["d1-s0"]
     assert list_drops(storage, "vehicle") == []
+
+
+class _Stopped(BaseException):
+    """Raised in place of a crash; BaseException, so no ``except Exception`` swallows it."""
+
+
+_WRITES = ("put_file", "put_bytes", "put_json", "copy", "delete")
+
+
+def _count_writes(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch,
+                  stop_after: int | None = None) -> list[str]:
+    """Record each write ``storage`` makes; raise _Stopped after the ``stop_after``-th."""
+    calls: list[str] = []
+
+    def counted(name: str) -> Any:
+        method = getattr(LocalStorage, name)
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            result = method(storage, *args, **kwargs)
+            calls.append(name)
+            if len(calls) == stop_after:
+                raise _Stopped
+            return result
+        return write
+
+    for name in _WRITES:
+        monkeypatch.setattr(storage, name, counted(name))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["cataloged", "quarantined"])
+def test_a_run_stopped_after_any_write_is_finished_by_the_next_as_first_decided(
+        kind: str, storage: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    folder = drop_locally(tmp_path, "d1", n=2)
+    (folder / "drop.json").write_text(json.dumps({"region": "vegetated"}))
+    if kind == "quarantined":
+        doc = json.loads((folder / "s1.geojson").read_text())
+        doc["features"][0]["properties"]["class"] = "tank"
+        (folder / "s1.geojson").write_text(json.dumps(doc))
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # Count the writes of one whole ingest, then stop a fresh run after each of them in turn.
+    counted = LocalStorage(tmp_path / "count")
+    upload(counted, folder, "d1")
+    with monkeypatch.context() as patch:
+        calls = _count_writes(counted, patch)
+        expected = ingest_drop(counted, CFG, "d1")
+    assert expected.status == kind and len(calls) > 6, calls
+    for stop_after in range(1, len(calls)):
+        root = LocalStorage(tmp_path / f"run-{stop_after}")
+        upload(root, folder, "d1")
+        with monkeypatch.context() as patch:
+            _count_writes(root, patch, stop_after)
+            with pytest.raises(_Stopped):
+                ingest_drop(root, CFG, "d1")
+        outcome = ingest_drop(root, CFG, "d1")
+        where = f"stopped after write {stop_after} of {len(calls)}"
+        assert (outcome.status, outcome.scene_ids, outcome.problems) == (
+            expected.status, expected.scene_ids, expected.problems), where
+        assert list_drops(root, "vehicle") == [] and not root.list("incoming"), where
+        keys = root.list()
+        assert not [k for k in keys if "/." in k], (where, keys)  # no marker left
+        if kind == "cataloged":
+            manifests = list_catalog_scenes(root, "vehicle")
+            assert [(m["scene_id"], m["region"]) for m in manifests] == [
+                ("d1-s0", "vegetated"), ("d1-s1", "vegetated")], where
+        else:
+            reason = quarantined(root, "d1")
+            assert reason["metadata"] == {"region": "vegetated"}, where
+            assert reason["files"] == sorted(originals), where
+            for name, data in originals.items():
+                assert root.get_bytes(f"quarantine/vehicle/d1/{name}") == data, where
+            assert not root.exists("quarantine/vehicle/d1-2/reason.json"), where
 
 
 def test_same_pixels_in_a_new_drop_are_quarantined_as_duplicate(storage: LocalStorage,
