@@ -214,19 +214,23 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                 "promotion": promotion})
             return run_stage(report.write_report, cfg, current_cycle_id(), stages)
 
-        @task(multiple_outputs=False, outlets=[champion])
+        # The asset is an inlet too, so the task can read its past events: a rerun announces
+        # a promotion that an earlier, stopped run of the cycle made but never announced.
+        @task(multiple_outputs=False, inlets=[champion], outlets=[champion])
         def publish_champion(written: dict[str, Any]) -> dict[str, Any]:
             version = written.get("promoted_version")
             if not version:
                 raise AirflowSkipException("no new champion this cycle: nothing to announce")
-            if written.get("reused"):
-                raise AirflowSkipException(f"v{version} was promoted and announced by an "
-                                           "earlier run of this cycle")
+            context = get_current_context()
+            if any((event.extra or {}).get("version") == str(version)
+                   for event in context["inlet_events"][champion]):
+                raise AirflowSkipException(f"v{version} was announced by an earlier run of "
+                                           "this cycle")
             from retrain_lib.cycle.champion import version_uri
 
             event = {"model": cfg.registered_model_name, "version": str(version),
                      "model_uri": version_uri(cfg, str(version)), "report": written["report"]}
-            get_current_context()["outlet_events"][champion].extra = event
+            context["outlet_events"][champion].extra = event
             return event
 
         checked = check_new_data()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -39,42 +40,122 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
-@contextlib.contextmanager
-def mlflow_server(root: Path, *, artifacts: str | None = None,
-                  env: Mapping[str, str] | None = None) -> Iterator[str]:
+class MlflowServer:
     """A real MLflow tracking server on 127.0.0.1: a SQLite backend under ``root`` and proxied
     artifacts in ``artifacts`` (a folder or ``s3://bucket/prefix``; the server reaches S3
-    with ``env``, as the compose stack's server does). Yields its URL."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
-             "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", artifacts or str(root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=log, cwd=root, env={**os.environ, **(env or {})},
-            start_new_session=True)  # its own group: the server forks workers
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_port(port, timeout_s=120)
+    with ``env``, as the compose stack's server does). :meth:`stop` and :meth:`start` take it
+    down and bring it back on the same port with the same data, as a restarted service."""
+
+    def __init__(self, root: Path, *, artifacts: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.root = root
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        mlflow = Path(sys.executable).with_name("mlflow")
+        with open(self.root / "server.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                 "--artifacts-destination", self.artifacts],
+                stdout=subprocess.DEVNULL, stderr=log, cwd=self.root, env=self.env,
+                start_new_session=True)  # its own group: the server forks workers
+        wait_for_port(self.port, timeout_s=120)
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                    return
             except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    raise RuntimeError((self.root / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._proc = None
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *, artifacts: str | None = None,
+                  env: Mapping[str, str] | None = None) -> Iterator[MlflowServer]:
+    """A started :class:`MlflowServer`, stopped at the end."""
+    server = MlflowServer(root, artifacts=artifacts, env=env)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of a server's port. :meth:`stop` closes it and
+    every connection through it, so clients get connection errors as from a stopped server;
+    :meth:`start` opens it again on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 def drop_region(folder: Path, region: str, scenes: int, seed: int) -> None:
@@ -103,6 +184,9 @@ class Backend:
     s3: S3Settings | None = None
     mlflow_uri: str | None = None
     mlflow_artifacts: str | None = None
+    mlflow: MlflowServer | None = None
+    s3_proxy: TcpProxy | None = None
+    """With ``outages=True``: what the cycle's processes reach S3 through, to cut it off."""
 
     def storage(self) -> Storage:
         return open_storage(self.storage_uri, s3=self.s3)
@@ -125,16 +209,24 @@ PLANTED_SECRET = "planted-s3-secret-7f3a9c"
 
 
 @contextlib.contextmanager
-def storage_backend(name: str, root: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+def storage_backend(name: str, root: Path, request: pytest.FixtureRequest, *,
+                    outages: bool = False) -> Iterator[Backend]:
     """``local``: storage under ``root`` and no MLflow server (the caller's default).
     ``s3``: as the compose stack has it, storage in a fresh bucket of the S3 server over HTTP
-    and a real MLflow server whose artifacts live in the same S3 server."""
+    and a real MLflow server whose artifacts live in the same S3 server. With ``outages``,
+    everything reaches S3 through a :class:`TcpProxy` (``Backend.s3_proxy``) that a test can
+    stop and start again (the S3 server itself keeps its data in memory)."""
     if name == "local":
         yield Backend(name, str(root / "storage"))
         return
     import boto3
 
     endpoint = request.getfixturevalue("s3_endpoint")
+    proxy = None
+    if outages:
+        proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))
+        proxy.start()
+        endpoint = f"http://127.0.0.1:{proxy.port}"
     # A recognisable secret: tests grep what a cycle wrote for it (moto accepts any key).
     s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
                     aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET)
@@ -144,9 +236,13 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest) -> It
                  ).create_bucket(Bucket=bucket)
     public, private = s3.environment()
     artifacts = f"s3://{bucket}/mlflow"
-    with mlflow_server(root / "mlflow-server", artifacts=artifacts,
-                       env={**public, **private}) as url:
-        yield Backend(name, f"s3://{bucket}/data", s3, url, artifacts)
+    try:
+        with mlflow_server(root / "mlflow-server", artifacts=artifacts,
+                           env={**public, **private}) as server:
+            yield Backend(name, f"s3://{bucket}/data", s3, server.url, artifacts, server, proxy)
+    finally:
+        if proxy is not None:
+            proxy.stop()
 
 
 @pytest.fixture(scope="session")

@@ -164,8 +164,9 @@ class PromotionResult(Record):
 class ReportWritten(Record):
     """9. report: where the report is, and what the cycle decided.
 
-    ``reused`` is true when a re-run found the gate already passed by an earlier run of the
-    cycle: its promotion was announced then, not again.
+    ``reused`` is true when a rerun found the gate already passed by an earlier run of the
+    cycle (the DAG's ``publish_champion`` announces the promotion once, whichever run gets
+    there: it reads the asset's past events).
     """
 
     status: CycleStatus

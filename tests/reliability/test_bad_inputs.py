@@ -399,3 +399,55 @@ def test_a_config_that_tries_to_run_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"vehicle\.yaml: not valid YAML"):
         load_object_type_config(path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- names as paths
+
+ESCAPING_CLASSES = ["../../escaped", "/etc/passwd", "a\\b", "c" * 64]
+
+
+def test_class_names_and_scene_names_never_become_paths_out_of_the_root(tmp_path: Path) -> None:
+    """Class names and scene file names that look like paths are data, never path parts:
+    a drop is cataloged, tiled and assembled, and every file written stays under the root."""
+    from retrain_lib.core.layout import CATALOG_MANIFEST
+    from retrain_lib.cycle.data import assemble, ingest, scenes_to_tile, tile_one
+    from retrain_lib.cycle.settings import CycleSettings
+    from retrain_lib.devtools.synthetic import SceneSpec, make_drop
+
+    cfg = parse_object_type_config({**VALID_CONFIG, "classes": ESCAPING_CLASSES,
+                                    "tiling": {"tile_size": 128}})
+    root = tmp_path / "root"
+    drop = root / "incoming" / "vehicle" / "d1"
+    stems = ["..s0", "s1..", "scène ../ 2"[:8]]
+    make_drop(drop, [SceneSpec(scene_id=f"s{n}", width=256, height=256,
+                               classes=ESCAPING_CLASSES, objects_per_class=2, seed=n)
+                     for n in range(len(stems))])
+    for n, stem in enumerate(stems):  # analysts name their files as they like
+        for suffix in (".tif", ".geojson"):
+            (drop / f"s{n}{suffix}").rename(drop / f"{stem}{suffix}")
+    (drop / "drop.json").write_text(json.dumps({"region": "../../region"}))
+    settings = CycleSettings(storage_uri=str(root), scratch=str(tmp_path / "scratch"))
+    summary = ingest(cfg, settings, "c1")
+    assert summary.cataloged == 1, summary.drops
+    for scene_id in scenes_to_tile(cfg, settings):
+        tile_one(cfg, settings, scene_id)
+    dataset = assemble(cfg, settings, "c1")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "scratch"]
+    for folder in (root, tmp_path / "scratch"):
+        for path in folder.rglob("*"):
+            resolved = path.resolve()
+            assert resolved.is_relative_to(folder.resolve()), path
+            assert ".." not in path.relative_to(folder).parts, path
+            assert not any(name in str(path) for name in ESCAPING_CLASSES), path
+    scenes = sorted(p.parent.name for p in (root / "catalog").rglob(CATALOG_MANIFEST))
+    assert scenes == ["d1-..s0", "d1-s1", "d1-sc-ne"], scenes
+    data = yaml_names(root / dataset.data_yaml_key)
+    assert data == ESCAPING_CLASSES  # the names themselves, unchanged, as data
+
+
+def yaml_names(path: Path) -> list[str]:
+    import yaml
+
+    names = yaml.safe_load(path.read_text())["names"]
+    return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)

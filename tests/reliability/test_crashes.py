@@ -26,7 +26,14 @@ import pytest
 import yaml
 
 from retrain_lib.core.storage import Storage, open_storage
-from tests.conftest import BACKENDS, REPO_ROOT, drop_region, put_folder, storage_backend
+from tests.conftest import (
+    BACKENDS,
+    REPO_ROOT,
+    Backend,
+    drop_region,
+    put_folder,
+    storage_backend,
+)
 
 CYCLE_CONFIG = {
     "name": "vehicle", "classes": ["car", "truck"],
@@ -64,6 +71,11 @@ CRASH_POINTS = [
 
 
 
+# On S3, after the run killed at these points, a service is down for one run: the run must
+# fail with one clear message and leave what the next run can take up.
+OUTAGES = {"tiling, one of three scenes tiled": "s3", "dataset assembled": "mlflow"}
+
+
 def _cycle(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=900, check=False)
@@ -82,7 +94,7 @@ def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
     labels = json.loads((drops / "bad" / "s0.geojson").read_text())
     labels["features"][0]["properties"]["class"] = "boat"
     (drops / "bad" / "s0.geojson").write_text(json.dumps(labels))
-    with storage_backend(backend_name, tmp_path, request) as backend:
+    with storage_backend(backend_name, tmp_path, request, outages=True) as backend:
         storage = backend.storage()
         for drop in ("region-a", "bad"):
             put_folder(storage, drops / drop, f"incoming/vehicle/{drop}")
@@ -100,6 +112,8 @@ def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
                 f"the run to be killed at '{stage}' ended with exit code {proc.returncode} "
                 f"instead:\n{output[-4000:]}")
             assert "Traceback" not in output, output[-4000:]
+            if backend_name == "s3" and stage in OUTAGES:
+                _run_during_outage(OUTAGES[stage], backend, arguments, env, tmp_path)
 
         proc = _cycle([str(Path(sys.executable).with_name("autoretrain")), *arguments],
                       env, tmp_path)
@@ -113,6 +127,29 @@ def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
             artifacts = open_storage(backend.mlflow_artifacts, s3=backend.s3).list()
             assert any(key.endswith("best.pt") for key in artifacts), artifacts
             assert not (tmp_path / "mlflow-server" / "artifacts").exists()
+
+
+def _run_during_outage(service: str, backend: Backend, arguments: list[str],
+                       env: dict[str, str], cwd: Path) -> None:
+    """One ``autoretrain cycle`` while ``service`` (``s3`` or ``mlflow``) is stopped; it is
+    started again afterwards, with its data, as a restarted service would be."""
+    down = backend.s3_proxy if service == "s3" else backend.mlflow
+    assert down is not None
+    # MLflow's client retries for minutes by default; the failure is the same, sooner.
+    quick = {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    down.stop()
+    try:
+        proc = _cycle([str(Path(sys.executable).with_name("autoretrain")), *arguments],
+                      quick, cwd)
+    finally:
+        down.start()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output[-4000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-4000:]
+    named = backend.storage_uri.split("/")[2] if service == "s3" else backend.mlflow_uri
+    assert named and named in errors[0], errors
 
 
 def _check_one_clean_cycle(storage: Storage, mlflow_uri: str, drops: Path) -> None:

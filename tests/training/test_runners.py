@@ -210,8 +210,8 @@ def trainer_image(docker_host: str) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite backend, proxied artifacts) on 127.0.0.1."""
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server.url
 
 
 @pytest.mark.slow
