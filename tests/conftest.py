@@ -100,22 +100,35 @@ def mlflow_server(root: Path, *, artifacts: str | None = None,
         server.stop()
 
 
-class TcpProxy:
-    """A TCP forwarder on 127.0.0.1 in front of a server's port. :meth:`stop` closes it and
-    every connection through it, so clients get connection errors as from a stopped server;
-    :meth:`start` opens it again on the same port."""
+class SocketProxy:
+    """A forwarder in front of a server: a TCP port on 127.0.0.1 (``target`` an int) or a
+    Unix socket (``target`` its path; the proxy listens on ``listen_path``). :meth:`stop`
+    closes it and every connection through it, so clients get connection errors as from a
+    stopped server; :meth:`start` opens it again at the same address."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+    def __init__(self, target: int | str, listen_path: Path | None = None) -> None:
+        self.target = target
+        self.listen_path = listen_path
+        self.port = free_port() if listen_path is None else 0
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
 
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` or ``unix://<path>``."""
+        return f"unix://{self.listen_path}" if self.listen_path else \
+            f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        if self.listen_path is not None:
+            self.listen_path.unlink(missing_ok=True)
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(self.listen_path))
+        else:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -133,6 +146,13 @@ class TcpProxy:
                 conn.close()
             self._connections.clear()
 
+    def _connect(self) -> socket.socket:
+        if isinstance(self.target, int):
+            return socket.create_connection(("127.0.0.1", self.target))
+        server = socket.socket(socket.AF_UNIX)
+        server.connect(self.target)
+        return server
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -140,7 +160,7 @@ class TcpProxy:
             except OSError:
                 return  # stopped
             try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
+                server = self._connect()
             except OSError:
                 client.close()
                 continue
@@ -185,7 +205,7 @@ class Backend:
     mlflow_uri: str | None = None
     mlflow_artifacts: str | None = None
     mlflow: MlflowServer | None = None
-    s3_proxy: TcpProxy | None = None
+    s3_proxy: SocketProxy | None = None
     """With ``outages=True``: what the cycle's processes reach S3 through, to cut it off."""
 
     def storage(self) -> Storage:
@@ -214,7 +234,7 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest, *,
     """``local``: storage under ``root`` and no MLflow server (the caller's default).
     ``s3``: as the compose stack has it, storage in a fresh bucket of the S3 server over HTTP
     and a real MLflow server whose artifacts live in the same S3 server. With ``outages``,
-    everything reaches S3 through a :class:`TcpProxy` (``Backend.s3_proxy``) that a test can
+    everything reaches S3 through a :class:`SocketProxy` (``Backend.s3_proxy``) that a test can
     stop and start again (the S3 server itself keeps its data in memory)."""
     if name == "local":
         yield Backend(name, str(root / "storage"))
@@ -224,9 +244,9 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest, *,
     endpoint = request.getfixturevalue("s3_endpoint")
     proxy = None
     if outages:
-        proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))
+        proxy = SocketProxy(int(endpoint.rsplit(":", 1)[1]))
         proxy.start()
-        endpoint = f"http://127.0.0.1:{proxy.port}"
+        endpoint = proxy.url
     # A recognisable secret: tests grep what a cycle wrote for it (moto accepts any key).
     s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
                     aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET)

@@ -35,7 +35,7 @@ from retrain_lib.core.config import parse_object_type_config
 from retrain_lib.core.errors import ConfigError, InputError
 from retrain_lib.core.storage import Storage
 from tests.conftest import BACKENDS, REPO_ROOT, put_folder, storage_backend
-from tests.reliability.test_crashes import CRASH_POINTS
+from tests.reliability.test_crashes import CRASH_POINTS, OUTAGES
 from tests.training.test_train import make_dataset
 
 AUTORETRAIN = str(Path(sys.executable).with_name("autoretrain"))
@@ -377,6 +377,7 @@ def test_the_reliability_report_counts_what_the_suite_runs() -> None:
     assert int(counts["generated GeoJSON documents per run"]) == 150
     assert int(counts["generated configs per run"]) == 200
     assert int(counts["kill -9 points in a whole cycle, per backend"]) == len(CRASH_POINTS)
+    assert int(counts["services stopped during a cycle"]) == len(OUTAGES) + 1  # + Docker
 
 
 def test_yaml_is_only_read_with_the_safe_loader() -> None:

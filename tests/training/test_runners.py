@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from retrain_lib.training.contract import TrainRequest
 from retrain_lib.training.runners.docker import CONTAINER_SCRATCH, DockerRunner
 from retrain_lib.training.runners.environment import TrainingEnvironment
 from retrain_lib.training.runners.local import LocalRunner
-from tests.conftest import REPO_ROOT, free_port, mlflow_server
+from tests.conftest import REPO_ROOT, SocketProxy, free_port, mlflow_server
 from tests.training.test_train import NAMES, make_dataset, upload_folder
 
 DOCKERFILE = REPO_ROOT / "docker" / "trainer.Dockerfile"
@@ -242,14 +243,41 @@ def test_docker_runner_trains_in_a_container(
                                 shm_size="256m", extra_mounts=_host_mounts())
     volume = f"autoretrain-test-scratch-{uuid.uuid4().hex[:8]}"
     client = docker.DockerClient(base_url=docker_host, timeout=60)
+    # The runner reaches the engine through a proxy, so the test can take the engine away.
+    proxy = SocketProxy(docker_host.removeprefix("unix://"), tmp_path / "docker.sock")
+    through_proxy = config.model_copy(update={"docker_url": proxy.url})
+    label = {"label": f"autoretrain.request={request.identity()[:20]}"}
     try:
-        result = DockerRunner(config, environment=environment,
+        with pytest.raises(TrainingFailed, match=r"Docker daemon at unix://.* cannot be "
+                                                 r"reached .*a retry tries again"):
+            DockerRunner(through_proxy, environment=environment,
+                         scratch_volume=volume).run(request)
+        proxy.start()
+
+        class CutOnFirstLine(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("starting training container"):
+                    return
+                proxy.stop()
+
+        logger = logging.getLogger("test.docker.lost")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(CutOnFirstLine())
+        with pytest.raises(TrainingFailed, match=r"lost the Docker host unix://.* during the "
+                                                 r"training .*a retry starts the training again"):
+            DockerRunner(through_proxy, environment=environment, scratch_volume=volume,
+                         logger=logger).run(request)
+        # Only the connection was lost: the container is still there, and the retry, with
+        # the engine back, removes it before it trains.
+        assert len(client.containers.list(all=True, filters=label)) == 1
+        proxy.start()
+        result = DockerRunner(through_proxy, environment=environment,
                               scratch_volume=volume).run(request)
         # The container is gone (removed once it ended), the scratch volume stays for retries.
-        assert not client.containers.list(all=True, filters={
-            "label": f"autoretrain.request={request.identity()[:20]}"})
+        assert not client.containers.list(all=True, filters=label)
         assert client.volumes.get(volume).name == volume
     finally:
+        proxy.stop()
         for leftover in client.containers.list(all=True, filters={"label": "autoretrain.request"}):
             leftover.remove(force=True)
         with contextlib.suppress(docker.errors.NotFound):

@@ -110,14 +110,27 @@ class DockerRunner:
         """Run the training container to its end and return its result.
 
         Raises:
-            ConfigError: the Docker host cannot be reached, or the image is missing.
-            TrainingFailed: the container exited non-zero or printed no result.
+            ConfigError: the Docker host address is malformed, or the image is missing.
+            TrainingFailed: the Docker host cannot be reached or was lost mid-training, or
+                the container exited non-zero or printed no result (all worth a retry).
         """
         import docker.errors
+        import requests
+        import urllib3
 
+        # What a lost connection to the Docker host raises, in the log stream or the wait.
+        lost = (docker.errors.DockerException, requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError, OSError)
         spec = self.spec(request, fresh=fresh)
         client = self._client()
         self._ensure_image(client)
+        # A container of this request from an attempt that lost the Docker host is still
+        # there (running, if only the connection was lost): never two trainings of one request.
+        for leftover in client.containers.list(all=True, filters={
+                "label": f"autoretrain.request={spec.labels['autoretrain.request']}"}):
+            self.logger.warning("removing container %s, left by an earlier attempt of this "
+                                "training", leftover.short_id)
+            leftover.remove(force=True)
         self.logger.info("starting training container from %s on %s: %s", spec.image,
                          self.config.docker_url, " ".join(spec.command))
         try:
@@ -132,6 +145,11 @@ class DockerRunner:
                 self.logger.info("%s", line)
                 tail.append(line)
             code = int(container.wait().get("StatusCode", 1))
+        except lost as exc:
+            raise TrainingFailed(
+                f"lost the Docker host {self.config.docker_url} during the training ({exc}); "
+                "a retry starts the training again (from its last checkpoint) once the host "
+                "answers") from None
         except BaseException:
             # Task killed or timed out: stop the container rather than orphan it.
             with contextlib.suppress(Exception):
@@ -147,13 +165,21 @@ class DockerRunner:
     def _client(self) -> Any:
         import docker
 
+        from docker.utils import parse_host
+
+        try:
+            parse_host(self.config.docker_url)
+        except Exception as exc:  # DockerException and URL errors alike
+            raise ConfigError(f"runner.docker.docker_url {self.config.docker_url!r} is not a "
+                              f"usable Docker host address ({exc})") from None
         try:
             client = docker.DockerClient(base_url=self.config.docker_url,
                                          timeout=self.timeout_s)
             client.ping()
-        except Exception as exc:  # DockerException, connection and URL errors alike
-            raise ConfigError(f"Docker daemon at {self.config.docker_url} cannot be reached "
-                              f"({exc}); check runner.docker.docker_url") from None
+        except Exception as exc:  # the daemon is down, restarting or unreachable
+            raise TrainingFailed(
+                f"Docker daemon at {self.config.docker_url} cannot be reached ({exc}); check "
+                "that it runs and runner.docker.docker_url (a retry tries again)") from None
         return client
 
     def _ensure_image(self, client: Any) -> None:
