@@ -163,9 +163,9 @@ class DockerRunner:
         return parse_result_line(list(tail))
 
     def _client(self) -> Any:
-        import docker
-
         from docker.utils import parse_host
+
+        import docker
 
         try:
             parse_host(self.config.docker_url)
