@@ -1,7 +1,8 @@
 """Retraining DAGs: one ``retrain_<type>`` per ``configs/object_types/<type>.yaml``.
 
 Each task is one call of a stage of :mod:`retrain_lib.cycle` (a plain, idempotent function
-with a typed result) through :func:`~retrain_lib.airflow.tasks.run_stage`; this file only wires
+with a typed result) through :func:`~retrain_lib.airflow.tasks.run_stage` (``run_cycle_stage``
+also renews the cycle's lock); this file only wires
 them. Module-level imports are ``airflow.sdk``, the standard library and retrain_lib's light
 modules (config models, :mod:`retrain_lib.airflow`): no torch, ultralytics, mlflow or rasterio,
 so parsing stays fast. The config folder is
@@ -23,7 +24,13 @@ from retrain_lib.airflow.dag_config import (
     retry_args,
 )
 from retrain_lib.airflow.links import mlflow_task, publish_mlflow_link
-from retrain_lib.airflow.tasks import current_cycle_id, run_stage
+from retrain_lib.airflow.tasks import (
+    current_cycle_id,
+    hold_current_cycle,
+    release_current_cycle,
+    run_cycle_stage,
+    run_stage,
+)
 from retrain_lib.core.config import ObjectTypeConfig
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -110,19 +117,20 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                 run_stage(report.record_skip, cfg, current_cycle_id(context),
                           TriggerDecision.from_json(check))
                 raise AirflowSkipException(f"no retraining this time: {check['reason']}")
+            hold_current_cycle(cfg)  # another cycle of this type running: retried, so it waits
             return check
 
         @task(multiple_outputs=False)
         def ingest() -> dict[str, Any]:
             from retrain_lib.cycle import data
 
-            return run_stage(data.ingest, cfg, current_cycle_id())
+            return run_cycle_stage(data.ingest, cfg, current_cycle_id())
 
         @task
         def list_scenes() -> list[str]:
             from retrain_lib.cycle import data
 
-            return run_stage(data.scenes_to_tile, cfg)
+            return run_cycle_stage(data.scenes_to_tile, cfg)
 
         @task(multiple_outputs=False, map_index_template="{{ scene_id }}")
         def tile(scene_id: str) -> dict[str, Any]:
@@ -130,19 +138,19 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["scene_id"] = scene_id  # the mapped task's label in the UI
-            return run_stage(data.tile_one, cfg, scene_id)
+            return run_cycle_stage(data.tile_one, cfg, scene_id)
 
         @task(multiple_outputs=False)
         def mine() -> dict[str, Any]:
             from retrain_lib.cycle import mining
 
-            return run_stage(mining.mine, cfg, current_cycle_id())
+            return run_cycle_stage(mining.mine, cfg, current_cycle_id())
 
         @task(multiple_outputs=False)
         def assemble() -> dict[str, Any]:
             from retrain_lib.cycle import data
 
-            return run_stage(data.assemble, cfg, current_cycle_id())
+            return run_cycle_stage(data.assemble, cfg, current_cycle_id())
 
         @task
         def select_candidates() -> list[str]:
@@ -169,7 +177,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                 from retrain_lib.airflow.kubernetes import pod_launcher
 
                 launch_pod = pod_launcher(cfg.runner.kubernetes, context)
-            result = run_stage(models.train_candidate, cfg, current_cycle_id(context),
+            result = run_cycle_stage(models.train_candidate, cfg, current_cycle_id(context),
                                AssembledDataset.from_json(dataset), candidate,
                                epochs=context["params"]["epochs"], launch_pod=launch_pod)
             publish_mlflow_link(mlflow_run_page(result["mlflow_run_id"]), context)
@@ -180,7 +188,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             from retrain_lib.cycle import models
             from retrain_lib.cycle.results import AssembledDataset, TrainedCandidate
 
-            return run_stage(models.evaluate_models, cfg, AssembledDataset.from_json(dataset),
+            return run_cycle_stage(models.evaluate_models, cfg, AssembledDataset.from_json(dataset),
                              [TrainedCandidate.from_json(t) for t in trained],
                              cycle_id=current_cycle_id())
 
@@ -191,7 +199,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             from retrain_lib.cycle import models
             from retrain_lib.cycle.results import AssembledDataset, Evaluation, TrainedCandidate
 
-            result = run_stage(models.register_and_promote, cfg, current_cycle_id(),
+            result = run_cycle_stage(models.register_and_promote, cfg, current_cycle_id(),
                                AssembledDataset.from_json(dataset),
                                [TrainedCandidate.from_json(t) for t in trained],
                                Evaluation.from_json(evaluation))
@@ -212,7 +220,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                 "check": check, "ingest": ingested, "tiles": list(tiles), "mine": mined,
                 "dataset": dataset, "trained": list(trained), "evaluation": evaluation,
                 "promotion": promotion})
-            return run_stage(report.write_report, cfg, current_cycle_id(), stages)
+            return run_cycle_stage(report.write_report, cfg, current_cycle_id(), stages)
 
         # The asset is an inlet too, so the task can read its past events: a rerun announces
         # a promotion that an earlier, stopped run of the cycle made but never announced.
@@ -233,6 +241,10 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             context["outlet_events"][champion].extra = event
             return event
 
+        @task
+        def release_cycle() -> None:
+            release_current_cycle(cfg)
+
         checked = check_new_data()
         ingested = ingest()
         scenes = list_scenes()
@@ -248,7 +260,9 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
         checked >> [ingested, chosen]
         ingested >> scenes
         tiles >> mined >> dataset
-        publish_champion(written)
+        # Gives the cycle's lock back however the run ends; a teardown, so the run's own state
+        # is still that of its stages.
+        publish_champion(written) >> release_cycle().as_teardown(setups=checked)
 
     return retrain()
 

@@ -16,13 +16,14 @@ from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from retrain_lib.core.config import ObjectTypeConfig
-from retrain_lib.core.errors import RetrainError, StorageError, TrainingFailed
+from retrain_lib.core.errors import CycleBusy, RetrainError, StorageError, TrainingFailed
 
-__all__ = ["current_cycle_id", "retrain_errors", "run_stage"]
+__all__ = ["current_cycle_id", "hold_current_cycle", "release_current_cycle", "retrain_errors",
+           "run_cycle_stage", "run_stage"]
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = (StorageError, TrainingFailed)
+_TRANSIENT = (StorageError, TrainingFailed, CycleBusy)
 
 
 def current_cycle_id(context: Mapping[str, Any] | None = None) -> str:
@@ -41,10 +42,10 @@ def current_cycle_id(context: Mapping[str, Any] | None = None) -> str:
 def retrain_errors() -> Iterator[None]:
     """Turn a RetrainError into one log line and the right Airflow exception.
 
-    Storage and training failures may pass on a retry, so they raise AirflowException (the task
-    retries with backoff). Bad input, bad settings and every other RetrainError fail the task
-    at once (AirflowFailException): a retry cannot fix them. Other exceptions are bugs and keep
-    their traceback.
+    Storage and training failures, and another cycle of the type running, may pass on a retry,
+    so they raise AirflowException (the task retries with backoff). Bad input, bad settings and
+    every other RetrainError fail the task at once (AirflowFailException): a retry cannot fix
+    them. Other exceptions are bugs and keep their traceback.
     """
     try:
         yield
@@ -70,3 +71,31 @@ def run_stage(stage: Callable[..., Any], cfg: ObjectTypeConfig, *args: Any,
     if isinstance(result, list):
         return [r.to_json() if isinstance(r, Record) else r for r in result]
     return result
+
+
+def hold_current_cycle(cfg: ObjectTypeConfig) -> None:
+    """Take or renew the object type's cycle lock for the running DAG run's cycle
+    (:mod:`retrain_lib.cycle.lock`); another cycle of the type running fails the task with a
+    retry: it waits."""
+    from retrain_lib.airflow.hooks import cycle_settings
+    from retrain_lib.cycle.lock import hold_cycle
+
+    with retrain_errors():
+        hold_cycle(cycle_settings().storage(), cfg.name, current_cycle_id())
+
+
+def release_current_cycle(cfg: ObjectTypeConfig) -> None:
+    """Give the object type's cycle lock back, if the running DAG run's cycle holds it."""
+    from retrain_lib.airflow.hooks import cycle_settings
+    from retrain_lib.cycle.lock import release_cycle
+
+    with retrain_errors():
+        release_cycle(cycle_settings().storage(), cfg.name, current_cycle_id())
+
+
+def run_cycle_stage(stage: Callable[..., Any], cfg: ObjectTypeConfig, *args: Any,
+                    **kwargs: Any) -> Any:
+    """:func:`run_stage` for a stage of a retraining cycle: the cycle's lock is renewed
+    first, so two cycles of one type never interleave."""
+    hold_current_cycle(cfg)
+    return run_stage(stage, cfg, *args, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CycleBusy",
     "InputError",
     "RegistryUnavailable",
     "RetrainError",
@@ -46,6 +47,10 @@ class StorageError(RetrainError, OSError):
 class RegistryUnavailable(StorageError):
     """The MLflow tracking server or registry did not answer; the message names the server
     and the operation. Unlike "no champion yet", retrying later may help."""
+
+
+class CycleBusy(RetrainError):
+    """Another cycle of the object type is running; retrying later may help."""
 
 
 class TrainingFailed(RetrainError):

@@ -170,6 +170,11 @@ def cycle_dataset_key(object_type: str, cycle_id: str) -> str:
     return join_key("cycles", object_type, cycle_id, "dataset.json")
 
 
+def cycle_lock_key(object_type: str) -> str:
+    """Which cycle of an object type is running: one at a time (see cycle.lock)."""
+    return join_key("cycles", object_type, "lock.json")
+
+
 def cycle_state_key(object_type: str) -> str:
     """What the last trainings of an object type used (scenes, dataset version, time)."""
     return join_key("cycles", object_type, "state.json")

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,11 @@ class Storage(ABC):
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Atomically publish ``data`` at ``key``."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Publish ``data`` at ``key`` only if no object is there; False if one is. Of two
+        writers racing for a key, exactly one wins (a lock can be built on it)."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -214,6 +220,20 @@ class LocalStorage(Storage):
             atomic_write_bytes(target, data)
         except OSError as exc:
             raise StorageError(f"{target}: cannot write ({exc})") from None
+
+    def create(self, key: str, data: bytes) -> bool:
+        target = self._parent(key)
+        tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            atomic_write_bytes(tmp, data)
+            os.link(tmp, target)  # fails if the key exists: complete content, or nothing
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"{target}: cannot write ({exc})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _readable(self, key: str) -> Path:
         """The path of ``key``, refused when a link leads it out of the storage root."""
@@ -434,6 +454,21 @@ class S3Storage(Storage):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self._client.put_object, Bucket=self.bucket,
                    Key=self._key(key), Body=data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                    IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                              "ConditionalRequestConflict"):
+                return False
+            raise self._fail("write", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._fail("write", key, exc) from None
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call("read", key, self._client.get_object, Bucket=self.bucket,

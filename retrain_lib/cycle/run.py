@@ -8,6 +8,7 @@ from typing import Any
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.cycle.data import assemble, ingest, scenes_to_tile, tile_one
+from retrain_lib.cycle.lock import hold_cycle, release_cycle
 from retrain_lib.cycle.mining import mine
 from retrain_lib.cycle.models import evaluate_models, register_and_promote, train_candidate
 from retrain_lib.cycle.report import write_report
@@ -24,6 +25,9 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
               on_stage: Callable[[str, Any], None] | None = None
               ) -> tuple[ReportWritten, CycleStages]:
     """Run every stage in this process, in order; returns where the report is and the stages.
+
+    The object type's cycle lock (:mod:`retrain_lib.cycle.lock`) is held from the decision to
+    retrain to the end: another cycle of the type running is a :class:`CycleBusy` error.
 
     ``on_stage(name, result)`` is called after each stage.
     """
@@ -42,15 +46,35 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
     check = done("check", check_new_data(cfg, settings, force=force))
     if not check.retrain:
         return report()
-    done("ingest", ingest(cfg, settings, cycle_id))
-    done("tiles", [tile_one(cfg, settings, s) for s in scenes_to_tile(cfg, settings)])
-    done("mine", mine(cfg, settings, cycle_id))
-    dataset = done("dataset", assemble(cfg, settings, cycle_id))
-    names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]
-    trained = done("trained", [train_candidate(cfg, settings, cycle_id, dataset, n,
-                                               epochs=epochs) for n in names])
-    evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained,
-                                                          cycle_id=cycle_id))
-    done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
-                                           evaluation))
-    return report()
+    storage = settings.storage()
+
+    def hold() -> None:  # renewed before each stage: a long cycle keeps its lease
+        hold_cycle(storage, cfg.name, cycle_id)
+
+    hold()
+    try:
+        done("ingest", ingest(cfg, settings, cycle_id))
+        hold()
+        done("tiles", [tile_one(cfg, settings, s) for s in scenes_to_tile(cfg, settings)])
+        hold()
+        done("mine", mine(cfg, settings, cycle_id))
+        hold()
+        dataset = done("dataset", assemble(cfg, settings, cycle_id))
+        names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]
+        trained = []
+        for name in names:
+            hold()
+            trained.append(train_candidate(cfg, settings, cycle_id, dataset, name,
+                                           epochs=epochs))
+        done("trained", trained)
+        hold()
+        evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained,
+                                                        cycle_id=cycle_id))
+        hold()
+        done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
+                                               evaluation))
+        return report()
+    finally:
+        # Whatever ended this run (a rerun takes the cycle up again); only a kill leaves the
+        # lock, until the same cycle reruns or the lease runs out.
+        release_cycle(storage, cfg.name, cycle_id)

@@ -46,7 +46,7 @@ from tests.conftest import (
 DAGS, PLUGINS, SHIPPED_CONFIGS = project_folders()
 HEAVY_MODULES = ("torch", "ultralytics", "mlflow", "rasterio", "kubernetes")
 RETRAIN_EDGES = {
-    "check_new_data": {"ingest", "select_candidates", "report"},
+    "check_new_data": {"ingest", "select_candidates", "report", "release_cycle"},
     "ingest": {"list_scenes", "report"},
     "list_scenes": {"tile"},
     "tile": {"mine", "report"},
@@ -57,7 +57,8 @@ RETRAIN_EDGES = {
     "evaluate": {"register_and_promote", "report"},
     "register_and_promote": {"report"},
     "report": {"publish_champion"},
-    "publish_champion": set(),
+    "publish_champion": {"release_cycle"},
+    "release_cycle": set(),  # a teardown: the run's state stays that of its stages
 }
 DETECT_EDGES = {"waiting_scenes": {"serving_model", "detect_scene"},
                 "serving_model": {"detect_scene"}, "detect_scene": set()}
@@ -501,6 +502,14 @@ def test_cycle_one_catalogs_quarantines_trains_and_promotes(scenario: Scenario) 
 
 
 @pytest.mark.slow
+def test_every_run_gives_the_cycle_lock_back(scenario: Scenario) -> None:
+    assert not scenario.storage.exists("cycles/vehicle/lock.json")
+    for name in ("cycle1", "rerun", "cycle2"):
+        assert scenario.states[name]["release_cycle"] == "success", scenario.states[name]
+    # A run that decided not to retrain never took it: its teardown is skipped with it.
+    assert scenario.states["nodata"]["release_cycle"] == "skipped"
+
+
 def test_promotion_updates_the_champion_asset(scenario: Scenario) -> None:
     assert scenario.states["cycle1"]["publish_champion"] == "success"
     assert scenario.states["cycle2"]["publish_champion"] == "skipped"

@@ -164,6 +164,9 @@ def _check_one_clean_cycle(storage: Storage, mlflow_uri: str, drops: Path) -> No
             storage.get_json(key)
     leftovers = [k for k in keys if "/.old-" in k or "/.tmp" in k or "in-progress" in k]
     assert not leftovers, leftovers
+    # Each killed run left the cycle's lock; each rerun of the cycle took it up, and the last
+    # gave it back.
+    assert "cycles/vehicle/lock.json" not in keys
 
     # Every byte dropped is under the root, once: the good drop in the catalog, the bad one
     # in quarantine with the reason of what is wrong with it, incoming/ empty.
