@@ -109,7 +109,13 @@ case "${1:-start}" in
         ;;
     stop)
         if [ -f "$DIR/dockerd.pid" ]; then
-            kill "$(cat "$DIR/dockerd.pid")" 2>/dev/null || true
+            pid="$(cat "$DIR/dockerd.pid")"
+            kill "$pid" 2>/dev/null || true
+            # Wait until it is gone: a start right after must not meet the old daemon's locks.
+            for _ in $(seq 1 60); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.5
+            done
             say "stopped"
         fi
         ;;

@@ -301,6 +301,9 @@ class DockerRunnerConfig(StrictModel):
     shm_size: str = Field("2g", description="Shared memory for dataloader workers.")
     extra_mounts: list[str] = Field(
         default_factory=list, description="Extra bind mounts 'host:container[:ro]'.")
+    read_only_root: bool = Field(
+        True, description="Read-only root filesystem: the trainer writes only to its scratch "
+                          "volume and a tmpfs at /tmp.")
 
     @field_validator("extra_mounts")
     @classmethod

@@ -33,7 +33,7 @@ import psutil
 import pytest
 import yaml
 
-from retrain_lib.core.storage import LocalStorage, S3Settings, S3Storage, Storage
+from retrain_lib.core.storage import LocalStorage, S3Settings, S3Storage, Storage, open_storage
 from retrain_lib.devtools.local_stack import DagRunOutcome, LocalStack, project_folders
 from tests.conftest import (
     BACKENDS,
@@ -654,6 +654,12 @@ def test_no_credential_appears_in_anything_the_cycles_wrote(scenario: Scenario) 
     secret = PLANTED_SECRET.encode()
     storage = scenario.storage
     leaks = [key for key in storage.list() if secret in storage.get_bytes(key)]
+    # The MLflow server's artifacts (weights, plots, results.csv), in the same bucket.
+    bucket = scenario.stack.storage_uri.split("/")[2]
+    artifacts = open_storage(f"s3://{bucket}/mlflow", s3=scenario.stack.s3)
+    artifact_keys = artifacts.list()
+    assert any(key.endswith("best.pt") for key in artifact_keys), artifact_keys
+    leaks += [f"mlflow/{key}" for key in artifact_keys if secret in artifacts.get_bytes(key)]
     # Task logs, run logs, the MLflow server's database and artifacts beside it, scratch.
     root = scenario.stack.root.parent
     leaks += [str(p) for p in root.rglob("*") if p.is_file() and p.suffix not in (

@@ -131,6 +131,7 @@ def test_container_spec_is_built_from_config_and_environment() -> None:
     assert spec.environment["AWS_SECRET_ACCESS_KEY"] == "secret-456"
     assert spec.environment["MLFLOW_TRACKING_URI"] == "http://mlflow.test:5000"
     assert "secret-456" not in " ".join(spec.command)
+    assert spec.read_only_root and spec.environment["HOME"] == "/tmp"
 
 
 def test_docker_runner_refuses_gpu_device_without_gpus() -> None:
@@ -269,7 +270,10 @@ def test_docker_runner_trains_in_a_container(
                          logger=logger).run(request)
         # Only the connection was lost: the container is still there, and the retry, with
         # the engine back, removes it before it trains.
-        assert len(client.containers.list(all=True, filters=label)) == 1
+        [lost] = client.containers.list(all=True, filters=label)
+        # It runs as the image's non-root user, on a read-only root filesystem.
+        assert lost.attrs["Config"]["User"] == "1000:1000"
+        assert lost.attrs["HostConfig"]["ReadonlyRootfs"] is True
         proxy.start()
         result = DockerRunner(through_proxy, environment=environment,
                               scratch_volume=volume).run(request)

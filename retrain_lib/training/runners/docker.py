@@ -48,6 +48,7 @@ class ContainerSpec:
     shm_size: str | None = None
     gpus: int = 0
     entrypoint: list[str] | None = None
+    read_only_root: bool = True
 
 
 class DockerRunner:
@@ -99,12 +100,14 @@ class DockerRunner:
             image=self.config.image,
             command=[*in_container.to_argv(), *(["--fresh"] if fresh else [])],
             environment={**environment.public, **environment.private,
-                         "PYTHONUNBUFFERED": "1"},
+                         "PYTHONUNBUFFERED": "1",
+                         **({"HOME": "/tmp"} if self.config.read_only_root else {})},
             mounts=mounts,
             labels={"autoretrain.request": request.identity()[:20],
                     "autoretrain.object_type": request.object_type or ""},
             network_mode=self.config.network_mode, shm_size=self.config.shm_size,
-            gpus=self.config.gpus, entrypoint=self.entrypoint)
+            gpus=self.config.gpus, entrypoint=self.entrypoint,
+            read_only_root=self.config.read_only_root)
 
     def run(self, request: TrainRequest, *, fresh: bool = False) -> TrainResult:
         """Run the training container to its end and return its result.
@@ -212,6 +215,10 @@ class DockerRunner:
             "labels": spec.labels, "network_mode": spec.network_mode,
             "shm_size": spec.shm_size,
         }
+        if spec.read_only_root:
+            # Caches and configs (Ultralytics', matplotlib's, $HOME's) go to memory.
+            arguments["read_only"] = True
+            arguments["tmpfs"] = {"/tmp": "rw,nosuid,nodev,mode=1777"}
         if spec.entrypoint:
             arguments["entrypoint"] = spec.entrypoint
         if spec.gpus > 0:
