@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -186,6 +187,16 @@ def drop_region(folder: Path, region: str, scenes: int, seed: int) -> None:
                                  objects_per_class=3, decoys=2, seed=seed + i)
                        for i in range(scenes)])
     (folder / "drop.json").write_text(f'{{"region": "{region}"}}')
+
+
+def good_and_bad_drops(drops: Path) -> None:
+    """Two drops under ``drops``: ``region-a`` (3 good scenes) and ``bad`` (one scene whose
+    first feature has the unknown class ``boat``: it must be quarantined)."""
+    drop_region(drops / "region-a", "vegetated", 3, seed=10)
+    drop_region(drops / "bad", "vegetated", 1, seed=20)
+    labels = json.loads((drops / "bad" / "s0.geojson").read_text())
+    labels["features"][0]["properties"]["class"] = "boat"
+    (drops / "bad" / "s0.geojson").write_text(json.dumps(labels))
 
 
 def put_folder(storage: Storage, folder: Path, prefix: str) -> None:

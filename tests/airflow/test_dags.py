@@ -39,6 +39,7 @@ from tests.conftest import (
     BACKENDS,
     PLANTED_SECRET,
     drop_region,
+    good_and_bad_drops,
     put_folder,
     storage_backend,
 )
@@ -415,11 +416,7 @@ def _run_scenario(backend: str, stack: LocalStack, root: Path) -> Scenario:
             out.markdown[name] = storage.get_bytes(f"{report}.md").decode()
 
     drops = root / "drops"
-    drop_region(drops / "region-a", "vegetated", 3, seed=10)
-    drop_region(drops / "bad", "vegetated", 1, seed=20)
-    labels = json.loads((drops / "bad" / "s0.geojson").read_text())
-    labels["features"][0]["properties"]["class"] = "boat"
-    (drops / "bad" / "s0.geojson").write_text(json.dumps(labels))
+    good_and_bad_drops(drops)
     out.bad_drop = {p.name: p.read_bytes() for p in (drops / "bad").iterdir()}
     put_folder(storage, drops / "region-a", f"{incoming}/region-a")
     put_folder(storage, drops / "bad", f"{incoming}/bad")

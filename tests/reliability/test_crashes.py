@@ -14,7 +14,6 @@ champion whose tags and metrics agree with the report.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from tests.conftest import (
     BACKENDS,
     REPO_ROOT,
     Backend,
-    drop_region,
+    good_and_bad_drops,
     put_folder,
     storage_backend,
 )
@@ -89,11 +88,7 @@ def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
     configs.mkdir()
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(CYCLE_CONFIG))
     drops = tmp_path / "drops"
-    drop_region(drops / "region-a", "vegetated", 3, seed=10)
-    drop_region(drops / "bad", "vegetated", 1, seed=20)
-    labels = json.loads((drops / "bad" / "s0.geojson").read_text())
-    labels["features"][0]["properties"]["class"] = "boat"
-    (drops / "bad" / "s0.geojson").write_text(json.dumps(labels))
+    good_and_bad_drops(drops)
     with storage_backend(backend_name, tmp_path, request, outages=True) as backend:
         storage = backend.storage()
         for drop in ("region-a", "bad"):
