@@ -9,12 +9,13 @@ UV     := $(BIN)/uv
 UV_VERSION := 0.13.9
 DEMO_ROOT ?= .autoretrain/demo
 
-.PHONY: help venv dev demo test lint format bench constraints clean
+.PHONY: help venv dev demo test stack-test lint format bench constraints clean
 
 help:
 	@echo "make demo        install and run the demo (local storage, SQLite, CPU)"
 	@echo "make test        install dev extras, lint, run the whole test suite"
 	@echo "make lint        ruff, the layer contracts (import-linter) and mypy"
+	@echo "make stack-test  the compose stack's services as processes run whole cycles (in make test too)"
 	@echo "make bench       run the benchmarks (results go to docs/benchmarks.md)"
 	@echo "make constraints re-resolve and re-pin constraints.txt"
 
@@ -44,6 +45,10 @@ lint: dev
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 6379, as in CI.
+stack-test: dev
+	$(BIN)/python -m pytest tests/devtools/test_service_stack.py $(PYTEST_ARGS)
 
 bench: dev
 	$(UV) pip install --python $(BIN)/python -c constraints.txt -e ".[dev,bench]"

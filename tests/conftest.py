@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,10 @@ class SocketProxy:
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.bytes_to_client = 0
+        """Bytes the server sent through the proxy (what a client fetched), for tests."""
+        self.stop_after_bytes: int | None = None
+        """Stop the proxy, as a server that goes away mid-read, once this many bytes went."""
 
     @property
     def url(self) -> str:
@@ -167,14 +172,22 @@ class SocketProxy:
                 continue
             with self._lock:
                 self._connections += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, counted in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pipe, args=(source, sink, counted),
+                                 daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 sink.sendall(data)
+                if counted:
+                    with self._lock:
+                        self.bytes_to_client += len(data)
+                        cut = (self.stop_after_bytes is not None
+                               and self.bytes_to_client >= self.stop_after_bytes)
+                    if cut:
+                        threading.Thread(target=self.stop, daemon=True).start()
+                        return
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -315,6 +328,59 @@ def s3_bucket(s3_env: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------------- PostgreSQL, Redis
+
+
+def _postgres_admin() -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                            connect_timeout=3)
+    conn.autocommit = True
+    return conn
+
+
+def postgres_available(what: str) -> bool:
+    """Whether PostgreSQL answers on 127.0.0.1:5432; in CI (``$CI`` set) it must."""
+    try:
+        _postgres_admin().close()
+        return True
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) for "
+                        f"{what}: {exc}")
+        return False
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str = "autoretrain_test") -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432, dropped at the end; its SQLAlchemy URL
+    (``postgresql+psycopg2://``)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_admin()
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = _postgres_admin()
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@contextlib.contextmanager
+def metadata_database(fallback: Path) -> Iterator[str]:
+    """A fresh Airflow metadata database: PostgreSQL when it answers (required in CI), else
+    SQLite at ``fallback``."""
+    if not postgres_available("the DAG tests"):
+        yield f"sqlite:///{fallback}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ ENV_EXAMPLE = REPO_ROOT / ".env.example"
 HOST_PATHS = {"/var/run/docker.sock"}  # the Docker runner starts trainer containers through it
 AIRFLOW_SERVICES = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
                     "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
-                    "airflow-worker": "celery worker"}
+                    "airflow-worker": "celery worker --queues default",
+                    "airflow-worker-train": "celery worker --queues default,train"}
 
 
 def load() -> dict:
@@ -79,14 +80,15 @@ def test_airflow_services_run_the_project_image() -> None:
         assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/autoretrain/configs"} <= mounts
         assert service["depends_on"]["airflow-init"]["condition"] == (
             "service_completed_successfully")
-    assert services["airflow-init"]["command"] == ["db", "migrate"]
+    bash, flag, script = services["airflow-init"]["command"]
+    assert (bash, flag) == ("bash", "-c") and script.startswith("airflow db migrate && ")
     assert services["airflow-apiserver"]["ports"] == ["8080:8080"]
 
 
 def test_tasks_can_start_trainer_containers() -> None:
     services = load()["services"]
     # Tasks run in the scheduler (LocalExecutor) or the Celery workers: both need the socket.
-    for name in ("airflow-scheduler", "airflow-worker"):
+    for name in ("airflow-scheduler", "airflow-worker", "airflow-worker-train"):
         assert "/var/run/docker.sock:/var/run/docker.sock" in services[name]["volumes"]
     from retrain_lib.core.config import DockerRunnerConfig
 
@@ -96,14 +98,16 @@ def test_tasks_can_start_trainer_containers() -> None:
 def test_scale_out_is_behind_the_celery_profile() -> None:
     services = load()["services"]
     assert services["redis"]["profiles"] == ["celery"]
-    assert services["airflow-worker"]["profiles"] == ["celery"]
-    assert services["airflow-worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    env = services["airflow-worker"]["environment"]
-    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379")
+    for worker in ("airflow-worker", "airflow-worker-train"):
+        assert services[worker]["profiles"] == ["celery"]
+        assert services[worker]["depends_on"]["redis"]["condition"] == "service_healthy"
+        env = services[worker]["environment"]
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379")
     # Nothing outside the profile may need what only the profile starts.
     for name, service in services.items():
         if "profiles" not in service:
-            assert not set(service.get("depends_on") or {}) & {"redis", "airflow-worker"}, name
+            assert not set(service.get("depends_on") or {}) & {
+                "redis", "airflow-worker", "airflow-worker-train"}, name
 
 
 def test_trainer_image_reserves_a_gpu() -> None:
@@ -144,7 +148,8 @@ def test_airflow_services_get_every_setting_retrain_lib_needs() -> None:
     # Every AUTORETRAIN_* name the stack sets is one retrain_lib reads: no typos.
     text = COMPOSE.read_text() + ENV_EXAMPLE.read_text()
     used = set(re.findall(r"\b(AUTORETRAIN_[A-Z0-9_]+)\b", text)) - {
-        "AUTORETRAIN_BUCKET", "AUTORETRAIN_TRAINER_IMAGE"}  # compose-only settings
+        "AUTORETRAIN_BUCKET", "AUTORETRAIN_TRAINER_IMAGE",  # compose-only settings
+        "AUTORETRAIN_TRAINING_SLOTS"}
     assert used <= read, f"set but never read by retrain_lib: {used - read}"
 
 

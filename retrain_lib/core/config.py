@@ -179,8 +179,11 @@ class TrainingConfig(StrictModel):
     """How candidates are fine-tuned."""
 
     initial_model: str = Field(
-        "yolo11n.yaml", description="Weights file (.pt) or Ultralytics model YAML used when "
-        "there is no champion yet. A model YAML trains from scratch, offline.")
+        "yolo11n.yaml", description="What training starts from when there is no champion yet: "
+        "an Ultralytics model YAML (trains from scratch, offline), a registered version "
+        "(models:/<name>@<alias> or models:/<name>/<version>), or weights (.pt) by storage URI "
+        "(s3://..., file://...) or absolute path. Weights are never downloaded from the "
+        "internet.")
     warm_start: bool = Field(
         True, description="Start each cycle from the champion's weights when there is one.")
     epochs: int = Field(30, ge=1, le=1000, description="Epochs per candidate.")
@@ -195,9 +198,22 @@ class TrainingConfig(StrictModel):
 
     @field_validator("initial_model")
     @classmethod
-    def _model_suffix(cls, value: str) -> str:
-        if not value.endswith((".pt", ".yaml", ".yml")):
-            raise ValueError("must be a weights file (.pt) or a model YAML (.yaml)")
+    def _known_model_source(cls, value: str) -> str:
+        if value.startswith("models:/"):
+            return value
+        if value.endswith((".yaml", ".yml")):
+            return value
+        if not value.endswith(".pt"):
+            raise ValueError("must be a model YAML (.yaml), a registered version "
+                             "(models:/<name>@<alias>) or a weights file (.pt)")
+        if "://" not in value and not value.startswith("/"):
+            raise ValueError(
+                f"{value!r} is a relative weights file name: it would be looked up in the "
+                "working folder of whichever process trains, and Ultralytics downloads missing "
+                "weights from the internet. Name the weights by a storage URI (s3://bucket/"
+                "path/yolo11n.pt, file:///path/yolo11n.pt), an absolute path or "
+                "models:/<name>@<alias>, or train from scratch with a model YAML "
+                "(yolo11n.yaml)")
         return value
 
     @field_validator("candidates")

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 __all__ = [
     "atomic_path",
@@ -22,6 +23,7 @@ __all__ = [
     "file_sha256",
     "is_in_flight",
     "safe_id",
+    "stream_sha256",
 ]
 
 _TMP_SUFFIX = ".tmp"
@@ -68,7 +70,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes, read in blocks."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        return stream_sha256(handle)
+
+
+def stream_sha256(stream: IO[bytes]) -> str:
+    """Hex SHA-256 of what a binary stream holds, read in blocks."""
+    # Not hashlib.file_digest: it needs readinto(), which an S3 response body lacks.
+    digest = hashlib.sha256()
+    while block := stream.read(1 << 20):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def safe_id(raw: str, *, replacement: str = "-", max_length: int = 128,

@@ -23,6 +23,7 @@ __all__ = [
     "CATALOG_ANNOTATIONS",
     "CATALOG_MANIFEST",
     "CATALOG_SCENE",
+    "CATALOG_SOURCE_SCENE",
     "SHARD_INDEX",
     "catalog_prefix",
     "catalog_scene_key",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 CATALOG_SCENE = "scene.tif"
+"""The scene as every stage reads it: a Cloud Optimized GeoTIFF (internal tiles, overviews)."""
+CATALOG_SOURCE_SCENE = "source.tif"
+"""The analyst's own file, byte for byte, kept beside ``scene.tif`` when that is a conversion."""
 CATALOG_ANNOTATIONS = "annotations.geojson"
 CATALOG_MANIFEST = "manifest.json"
 SHARD_INDEX = "index.json"
@@ -170,9 +174,15 @@ def cycle_dataset_key(object_type: str, cycle_id: str) -> str:
     return join_key("cycles", object_type, cycle_id, "dataset.json")
 
 
-def cycle_lock_key(object_type: str) -> str:
-    """Which cycle of an object type is running: one at a time (see cycle.lock)."""
-    return join_key("cycles", object_type, "lock.json")
+def cycle_lock_prefix(object_type: str) -> str:
+    """The generations of an object type's cycle lock: the highest names the cycle that holds
+    the type (see cycle.lock)."""
+    return join_key("cycles", object_type, "lock") + "/"
+
+
+def cycle_lock_key(object_type: str, generation: int) -> str:
+    """One generation of an object type's cycle lock, ``cycles/<type>/lock/<generation>.json``."""
+    return join_key("cycles", object_type, "lock", f"{generation:010d}.json")
 
 
 def cycle_state_key(object_type: str) -> str:

@@ -12,6 +12,7 @@ move leaves a duplicate, never a loss.
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import os
 import shutil
@@ -22,10 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from retrain_lib.core.errors import StorageError
-from retrain_lib.core.io import atomic_path, atomic_write_bytes, is_in_flight
+from retrain_lib.core.io import atomic_path, atomic_write_bytes, is_in_flight, stream_sha256
 from retrain_lib.core.layout import join_key
 from retrain_lib.core.settings import ENV_S3_ENDPOINT
 
@@ -185,6 +186,21 @@ class Storage(ABC):
             self.get_file(key, root / key[len(base) + 1:])
         return root
 
+    def raster_path(self, key: str) -> str:
+        """Where GDAL reads the raster at ``key`` in place, window by window: a local path,
+        or ``/vsis3/<bucket>/<key>`` (see ``retrain_lib.geo.raster.object_storage``)."""
+        raise StorageError(f"{self.url(key)}: this storage cannot be read in place")
+
+    def sha256(self, key: str) -> str:
+        """Hex SHA-256 of the object at ``key``, streamed: nothing is written to disk."""
+        with self.open_stream(key) as stream:
+            return stream_sha256(stream)
+
+    @contextmanager
+    def open_stream(self, key: str) -> Iterator[IO[bytes]]:
+        """The object at ``key`` as a readable binary stream."""
+        yield io.BytesIO(self.get_bytes(key))
+
     @contextmanager
     def local_copy(self, key: str, scratch: str | Path | None = None) -> Iterator[Path]:
         """Yield a local path holding ``key``: the file itself locally, a download on S3."""
@@ -324,6 +340,21 @@ class LocalStorage(Storage):
             raise StorageError(f"{path}: no such object")
         yield path
 
+    def raster_path(self, key: str) -> str:
+        return str(self._readable(key))
+
+    @contextmanager
+    def open_stream(self, key: str) -> Iterator[IO[bytes]]:
+        path = self._readable(key)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such object") from None
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot read ({exc})") from None
+        with handle:
+            yield handle
+
     def list(self, prefix: str = "") -> builtins.list[str]:
         base = self.path(prefix) if prefix else self.root
         if base.is_file():
@@ -428,6 +459,25 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return join_key(self.prefix, _check_key(key))
 
+    def raster_path(self, key: str) -> str:
+        return f"/vsis3/{self.bucket}/{self._key(key)}"
+
+    def stat(self, key: str) -> dict[str, Any]:
+        """``{"size", "etag"}`` of the object at ``key`` (one HEAD request)."""
+        head = self._call("read", key, self._client.head_object, Bucket=self.bucket,
+                          Key=self._key(key))
+        return {"size": int(head["ContentLength"]), "etag": str(head["ETag"]).strip('"')}
+
+    @contextmanager
+    def open_stream(self, key: str) -> Iterator[IO[bytes]]:
+        response = self._call("read", key, self._client.get_object, Bucket=self.bucket,
+                              Key=self._key(key))
+        body = response["Body"]
+        try:
+            yield body
+        finally:
+            body.close()
+
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         from botocore.exceptions import ClientError
 
@@ -437,6 +487,10 @@ class S3Storage(Storage):
                 return StorageError(f"{self.url(key)}: no such object")
             if code == "NoSuchBucket":
                 return StorageError(f"s3://{self.bucket}: bucket does not exist")
+            if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId",
+                        "SignatureDoesNotMatch"):
+                return StorageError(f"{self.url(key)}: access denied ({code}); check the S3 "
+                                    "keys and the bucket's policy")
             return StorageError(f"{self.url(key)}: cannot {what} ({code}: "
                                 f"{exc.response.get('Error', {}).get('Message', '')})")
         endpoint = self.settings.endpoint_url or "the default AWS endpoint"

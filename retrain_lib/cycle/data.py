@@ -25,6 +25,7 @@ from retrain_lib.core.storage import LocalStorage, Storage
 from retrain_lib.cycle.results import AssembledDataset, IngestSummary, TiledScene
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.state import load_state
+from retrain_lib.geo.raster import object_storage
 from retrain_lib.stages.dataset import assemble_dataset
 from retrain_lib.stages.ingest import (
     DropOutcome,
@@ -104,16 +105,23 @@ def untrained_scenes(cfg: ObjectTypeConfig, settings: CycleSettings) -> list[str
             if m["scene_id"] not in trained]
 
 
-def catalog_files(storage: Storage, cfg: ObjectTypeConfig, scene_id: str, scratch: Path
-                  ) -> tuple[Path, Path]:
-    """Local paths of a cataloged scene and its annotations (downloaded into ``scratch``
-    when the storage is not local)."""
+def catalog_files(storage: Storage, cfg: ObjectTypeConfig, scene_id: str, scratch: Path, *,
+                  read_in_place: bool) -> tuple[Path, Path]:
+    """Local paths of a cataloged scene and its annotations (the annotations are downloaded
+    into ``scratch`` when the storage is not local).
+
+    With ``read_in_place`` the scene is read where it lies, window by window (on S3 its
+    ``/vsis3/`` path: open it inside :func:`retrain_lib.geo.raster.object_storage`); without,
+    it is downloaded, for stages that read every pixel more than once (evaluation).
+    """
     scene_key = catalog_scene_key(cfg.name, scene_id, CATALOG_SCENE)
     labels_key = catalog_scene_key(cfg.name, scene_id, CATALOG_ANNOTATIONS)
     if isinstance(storage, LocalStorage):
         return storage.path(scene_key), storage.path(labels_key)
-    return (storage.get_file(scene_key, scratch / scene_id / CATALOG_SCENE),
-            storage.get_file(labels_key, scratch / scene_id / CATALOG_ANNOTATIONS))
+    labels = storage.get_file(labels_key, scratch / scene_id / CATALOG_ANNOTATIONS)
+    if read_in_place:
+        return Path(storage.raster_path(scene_key)), labels
+    return storage.get_file(scene_key, scratch / scene_id / CATALOG_SCENE), labels
 
 
 def tile_one(cfg: ObjectTypeConfig, settings: CycleSettings, scene_id: str) -> TiledScene:
@@ -126,14 +134,15 @@ def tile_one(cfg: ObjectTypeConfig, settings: CycleSettings, scene_id: str) -> T
         return TiledScene(scene_id=scene_id, shard=prefix, reused=True,
                           tiles_written=index["stats"]["tiles_written"])
     scratch = settings.scratch_dir(f"tile-{cfg.name}-{scene_id}")
-    scene_path, labels = catalog_files(storage, cfg, scene_id, scratch)
+    scene_path, labels = catalog_files(storage, cfg, scene_id, scratch, read_in_place=True)
     local = isinstance(storage, LocalStorage)
     # Locally the tiler writes into the storage root itself; elsewhere into scratch, and the
     # finished shard is uploaded with its index last.
     out_dir = storage.path(chips_prefix(cfg.name)) if isinstance(storage, LocalStorage) \
         else scratch / "chips"
-    result = tile_scene(scene_path, labels, cfg.classes, out_dir, cfg.tiling, scene_id=scene_id,
-                        class_mapper=cfg.class_mapper)
+    with object_storage(settings.s3):
+        result = tile_scene(scene_path, labels, cfg.classes, out_dir, cfg.tiling,
+                            scene_id=scene_id, class_mapper=cfg.class_mapper)
     if not local:
         storage.put_tree(result.shard_dir, prefix, last=SHARD_INDEX)
     return TiledScene(scene_id=scene_id, shard=prefix, reused=False,

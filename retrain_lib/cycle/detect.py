@@ -21,11 +21,11 @@ typed results.
 from __future__ import annotations
 
 import logging
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import InputError
-from retrain_lib.core.io import file_sha256, safe_id
+from retrain_lib.core.io import safe_id
 from retrain_lib.core.layout import (
     inference_done_prefix,
     inference_incoming_prefix,
@@ -36,6 +36,7 @@ from retrain_lib.core.layout import (
 from retrain_lib.core.records import Record
 from retrain_lib.cycle.champion import registry, version_uri
 from retrain_lib.cycle.settings import CycleSettings
+from retrain_lib.geo.raster import object_storage
 from retrain_lib.stages.inference import (
     DetectOptions,
     detect_scene,
@@ -132,15 +133,18 @@ def detect_incoming_scene(cfg: ObjectTypeConfig, settings: CycleSettings, scene_
         storage.move(scene_key, done_key)
         return SceneDetected(**where, reused=True)
     scratch = settings.scratch_dir(f"detect-{cfg.name}-v{version}")
-    with storage.local_copy(scene_key, scratch) as scene_path:
+    # Read in place, window by window (on S3 through /vsis3/): never downloaded whole.
+    with object_storage(settings.s3):
         detector = load_detector(model.model_uri, device=cfg.training.device,
                                  tracking_uri=settings.tracking_uri)
-        detections = detect_scene(scene_path, detector,
-                                  DetectOptions(tiling=cfg.tiling, conf=cfg.mining.conf_threshold),
+        options = DetectOptions(tiling=cfg.tiling, conf=cfg.mining.conf_threshold)
+        detections = detect_scene(Path(storage.raster_path(scene_key)), detector, options,
                                   scene_id=scene_id)
-        local = scratch / f"{scene_id}.geojson"
-        write_detections(detections, local)
-        sha = file_sha256(scene_path)
+    local = scratch / f"{scene_id}.geojson"
+    write_detections(detections, local)
+    # The index by content lets mining find these predictions under the name the scene
+    # gets when analysts annotate it; the hash streams the object, writing nothing to disk.
+    sha = storage.sha256(scene_key)
     storage.put_file(local, key)
     storage.put_json(predictions_index_key(cfg.name, version, sha),
                      {"scene_id": scene_id, "predictions": key, "source": scene_key})

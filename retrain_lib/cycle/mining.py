@@ -20,6 +20,7 @@ from retrain_lib.cycle.champion import registry, version_detector
 from retrain_lib.cycle.data import catalog_files, untrained_scenes
 from retrain_lib.cycle.results import MiningSummary
 from retrain_lib.cycle.settings import CycleSettings
+from retrain_lib.geo.raster import object_storage
 from retrain_lib.stages.dataset import assign_scene_splits
 from retrain_lib.stages.inference import DetectOptions, Detector, detect_scene, write_detections
 from retrain_lib.stages.ingest import list_catalog_scenes
@@ -91,29 +92,30 @@ def mine(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
     if not targets:
         return MiningSummary(skipped="no new training scene", counts={})
     scratch = settings.scratch_dir(f"mine-{cfg.name}-{cycle_id}")
-    detector = None
-    items = []
-    for scene_id in targets:
-        scene_path, truth = catalog_files(storage, cfg, scene_id, scratch)
-        key = predictions_key(cfg.name, champion.version, scene_id)
-        alias = predictions_index_key(cfg.name, champion.version,
-                                      manifests[scene_id].get("scene_sha256", "unknown"))
-        if not storage.exists(key) and storage.exists(alias):
-            key = storage.get_json(alias)["predictions"]  # detected before it was annotated
-        if storage.exists(key):
-            pred = storage.get_file(key, scratch / "pred" / f"{scene_id}.geojson")
-            log.info("mining %s with stored predictions of v%s", scene_id, champion.version)
-        else:
-            if detector is None:
-                detector = version_detector(cfg, settings, champion.version)
-            log.info("no stored predictions of v%s for %s: detecting now", champion.version,
-                     scene_id)
-            pred = detect_to_storage(storage, cfg, detector, scene_path, scene_id, key,
-                                     scratch / "pred")
-        items.append(SceneToMine(scene_path, truth, pred, scene_id))
-    result = mine_hard_examples(items, cfg, scratch / "hard", model_version=champion.version,
-                                cycle_id=cycle_id,
-                                previous_lonlat=_earlier_centres(storage, cfg.name, cycle_id))
+    with object_storage(settings.s3):  # new scenes are read in place, window by window
+        detector = None
+        items = []
+        for scene_id in targets:
+            scene_path, truth = catalog_files(storage, cfg, scene_id, scratch, read_in_place=True)
+            key = predictions_key(cfg.name, champion.version, scene_id)
+            alias = predictions_index_key(cfg.name, champion.version,
+                                          manifests[scene_id].get("scene_sha256", "unknown"))
+            if not storage.exists(key) and storage.exists(alias):
+                key = storage.get_json(alias)["predictions"]  # detected before it was annotated
+            if storage.exists(key):
+                pred = storage.get_file(key, scratch / "pred" / f"{scene_id}.geojson")
+                log.info("mining %s with stored predictions of v%s", scene_id, champion.version)
+            else:
+                if detector is None:
+                    detector = version_detector(cfg, settings, champion.version)
+                log.info("no stored predictions of v%s for %s: detecting now", champion.version,
+                         scene_id)
+                pred = detect_to_storage(storage, cfg, detector, scene_path, scene_id, key,
+                                         scratch / "pred")
+            items.append(SceneToMine(scene_path, truth, pred, scene_id))
+        result = mine_hard_examples(items, cfg, scratch / "hard", model_version=champion.version,
+                                    cycle_id=cycle_id,
+                                    previous_lonlat=_earlier_centres(storage, cfg.name, cycle_id))
     base = hard_cycle_prefix(cfg.name, cycle_id)
     for shard in result.shard_dirs:
         storage.put_tree(shard, join_key(base, shard.name), last="index.json")

@@ -157,7 +157,8 @@ def evaluate_models(cfg: ObjectTypeConfig, settings: CycleSettings, dataset: Ass
     scratch = settings.scratch_dir(f"eval-{cfg.name}-{dataset.version}")
     tests = []
     for scene_id in dataset.test_scenes:
-        scene_path, truth = catalog_files(storage, cfg, scene_id, scratch)
+        # Downloaded: every candidate and the champion read each test scene whole.
+        scene_path, truth = catalog_files(storage, cfg, scene_id, scratch, read_in_place=False)
         tests.append((scene_id, scene_path, truth, regions.get(scene_id, "")))
     candidates = {}
     for item in trained:

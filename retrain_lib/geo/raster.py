@@ -12,6 +12,10 @@ at inference exactly what it was trained on.
 - **Memory.** GDAL's block cache defaults to 5% of RAM per process; :func:`gdal_env` fixes it
   at :data:`GDAL_CACHE_BYTES`, which still holds the blocks under the overlap of neighbouring
   tiles.
+- **Object storage.** A scene on S3 is read in place, window by window, through GDAL's
+  ``/vsis3/`` (``Storage.raster_path``), never downloaded whole. :func:`object_storage` gives
+  GDAL the storage's endpoint and keys, for this process, its threads and the tiling workers
+  it forks; failures name the ``s3://`` object.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from affine import Affine
 from rasterio.enums import MaskFlags
 
 from retrain_lib.core.config import TilingConfig
-from retrain_lib.core.errors import ConfigError, InputError
+from retrain_lib.core.errors import ConfigError, InputError, RetrainError, StorageError
 from retrain_lib.core.io import safe_id
+from retrain_lib.core.storage import S3Settings
 from retrain_lib.geo.crs import scene_gsd_m, to_crs
 from retrain_lib.geo.windows import PixelWindow
 
@@ -42,11 +47,15 @@ __all__ = [
     "Chip",
     "SceneInfo",
     "Stretch",
+    "as_cog",
     "default_scene_id",
     "gdal_env",
     "inspect_scene",
+    "object_storage",
     "open_raster",
     "probe_pixels",
+    "raster_fingerprint",
+    "raster_uri",
     "read_chip",
     "resolve_tile_px",
     "scene_stretch",
@@ -92,17 +101,120 @@ def gdal_env() -> Iterator[None]:
         yield
 
 
+_VSIS3 = "/vsis3/"
+_object_storage: S3Settings | None = None
+"""How GDAL reaches ``/vsis3/`` scenes; process-wide because GDAL reads them in threads and
+forked workers too (see :func:`object_storage`)."""
+
+
+@contextmanager
+def object_storage(settings: S3Settings | None) -> Iterator[None]:
+    """Let :func:`open_raster` read ``/vsis3/`` scenes with ``settings`` (endpoint, region,
+    keys; unset ones come from boto3's usual chain) until the block ends."""
+    global _object_storage
+    previous, _object_storage = _object_storage, settings or S3Settings.from_env()
+    try:
+        yield
+    finally:
+        _object_storage = previous
+
+
+def _s3_uri(vsi_path: str) -> str:
+    return "s3://" + vsi_path[len(_VSIS3):]
+
+
+def raster_uri(path: str | os.PathLike[str]) -> str:
+    """How a raster is named to people and in records: ``s3://`` for a ``/vsis3/`` path."""
+    text = os.fspath(path)
+    return _s3_uri(text) if text.startswith(_VSIS3) else text
+
+
+def _s3_env() -> rasterio.Env:
+    """GDAL's options for ``/vsis3/``: keys through rasterio's AWS session (it refuses them as
+    plain options), a custom endpoint over path-style HTTP(S), and no directory listings."""
+    import boto3
+    from rasterio.session import AWSSession
+
+    settings = _object_storage or S3Settings.from_env()
+    session = boto3.Session(aws_access_key_id=settings.aws_access_key_id,
+                            aws_secret_access_key=settings.aws_secret_access_key,
+                            aws_session_token=settings.aws_session_token,
+                            region_name=settings.region_name or "us-east-1")
+    options: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+                               "GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1"}
+    endpoint = None
+    if settings.endpoint_url:
+        scheme, _, endpoint = settings.endpoint_url.rstrip("/").partition("://")
+        options.update(AWS_HTTPS="NO" if scheme == "http" else "YES",
+                       AWS_VIRTUAL_HOSTING="FALSE")
+    return rasterio.Env(session=AWSSession(session=session, endpoint_url=endpoint), **options)
+
+
 def open_raster(path: str | os.PathLike[str]) -> Any:
-    """Open a raster with rasterio; InputError names the file when it is missing or corrupt."""
+    """Open a raster with rasterio: a local file, or an S3 object by its ``/vsis3/`` path.
+
+    Raises:
+        InputError: the file or object is missing or corrupt (the message names it).
+        StorageError: the object store refused or did not answer.
+    """
+    text = os.fspath(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            if text.startswith(_VSIS3):
+                # The dataset keeps the session it was opened with for all its reads.
+                with _s3_env():
+                    return rasterio.open(text)
             return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
+        if text.startswith(_VSIS3):
+            raise _s3_error(text, exc) from None
         if not Path(path).exists():
             raise InputError(f"{path}: scene file not found") from None
         raise InputError(f"{path}: cannot open as a raster; is it a corrupt or unsupported "
                          f"file? ({exc})") from None
+
+
+def raster_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What identifies a raster's bytes cheaply: size and hashes of its first and last MiB for
+    a file; size and ETag for an S3 object (its content hash; catalog objects never change).
+
+    Raises:
+        InputError: the file or object does not exist.
+        StorageError: the object store cannot be reached.
+    """
+    text = os.fspath(path)
+    if not text.startswith(_VSIS3):
+        import hashlib
+
+        local = Path(text)
+        try:
+            size = local.stat().st_size
+            with local.open("rb") as handle:
+                head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
+                handle.seek(max(0, size - (1 << 20)))
+                tail = hashlib.sha256(handle.read(1 << 20)).hexdigest()
+        except FileNotFoundError:
+            raise InputError(f"{text}: scene file not found") from None
+        return {"size": size, "head_sha256": head, "tail_sha256": tail}
+    from retrain_lib.core.storage import S3Storage
+
+    bucket, _, key = text[len(_VSIS3):].partition("/")
+    stat = S3Storage(f"s3://{bucket}", settings=_object_storage).stat(key)
+    return {"size": stat["size"], "etag": stat["etag"]}
+
+
+def _s3_error(vsi_path: str, exc: Exception) -> RetrainError:
+    uri, detail = _s3_uri(vsi_path), str(exc)
+    if "does not exist" in detail or "No such file" in detail or "404" in detail:
+        return InputError(f"{uri}: scene object not found")
+    if "Access Denied" in detail or "403" in detail or "credentials" in detail.lower():
+        return StorageError(f"{uri}: access denied; check the S3 keys ({detail})")
+    if "not recognized as" in detail or "TIFF" in detail:
+        return InputError(f"{uri}: cannot open as a raster; is it a corrupt or unsupported "
+                          f"file? ({detail})")
+    endpoint = (_object_storage or S3Settings.from_env()).endpoint_url or "AWS S3"
+    return StorageError(f"{uri}: cannot read from {endpoint} ({detail})")
 
 
 def default_scene_id(path: str | os.PathLike[str]) -> str:
@@ -346,6 +458,11 @@ def read_region(dataset: Any, window: PixelWindow, bands: Sequence[int]
         invalid = invalid_mask(dataset, data, window, bands, (window.height, window.width))
     except rasterio.errors.RasterioError as exc:
         detail = exc.__cause__ or exc  # rasterio's own message only says "Read failed"
+        if str(dataset.name).startswith(_VSIS3):
+            raise StorageError(f"{_s3_uri(dataset.name)}: cannot read pixels {window.bounds} "
+                               f"(col_min, row_min, col_max, row_max) from "
+                               f"{(_object_storage or S3Settings.from_env()).endpoint_url or 'S3'}"
+                               f" ({detail})") from None
         raise InputError(f"{dataset.name}: cannot read pixels {window.bounds} "
                          f"(col_min, row_min, col_max, row_max); the file may be corrupt "
                          f"or truncated ({detail})") from None
@@ -382,3 +499,34 @@ def probe_pixels(path: str | os.PathLike[str]) -> None:
             window = PixelWindow(col, row, min(block_w, dataset.width),
                                  min(block_h, dataset.height))
             read_region(dataset, window, bands)
+
+
+def as_cog(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a Cloud Optimized GeoTIFF, else its lossless conversion written to
+    ``out`` (same pixels, nodata and masks; 512 px internal tiles, DEFLATE, overviews), so
+    that windows can be read in place from object storage.
+
+    Raises:
+        InputError: the raster cannot be converted.
+    """
+    from rio_cogeo.cogeo import cog_translate, cog_validate
+    from rio_cogeo.profiles import cog_profiles
+
+    source = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rio-cogeo warns about what it then reports
+        valid, _errors, _warnings = cog_validate(str(source), quiet=True)
+    if valid:
+        return source
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with gdal_env(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            profile = cog_profiles.get("deflate")  # type: ignore[no-untyped-call]
+            cog_translate(str(source), str(target), profile, quiet=True,
+                          in_memory=False, overview_resampling="average")
+    except (rasterio.errors.RasterioError, ValueError, OSError) as exc:
+        raise InputError(f"{source}: cannot be written as a Cloud Optimized GeoTIFF "
+                         f"({exc})") from None
+    return target

@@ -9,7 +9,10 @@ A drop is the unit an analyst submits, so it is accepted or rejected whole:
 - **Good drop**: each scene goes to ``catalog/<type>/scenes/<scene_id>/`` as ``scene.tif``,
   ``annotations.geojson`` (class names normalised, geometries in the scene CRS, invalid ones
   repaired) and ``manifest.json``, published last, so a scene is cataloged exactly when its
-  manifest exists. Only then are the drop's files deleted from ``incoming/``.
+  manifest exists. Only then are the drop's files deleted from ``incoming/``. ``scene.tif`` is
+  a Cloud Optimized GeoTIFF, so later stages read windows of it in place (from S3 too): a scene
+  that is not one is converted (losslessly: same pixels, internal tiles, overviews), and the
+  analyst's file is kept untouched beside it as ``source.tif``; the manifest says which.
 - **Bad drop**: ``reason.json`` naming every problem (file, feature, what was expected) is
   written into ``quarantine/<type>/<drop_id>/``, the drop's files are copied beside it
   untouched, and only then deleted from ``incoming/``.
@@ -40,6 +43,7 @@ from retrain_lib.core.layout import (
     CATALOG_ANNOTATIONS,
     CATALOG_MANIFEST,
     CATALOG_SCENE,
+    CATALOG_SOURCE_SCENE,
     catalog_prefix,
     incoming_prefix,
     join_key,
@@ -291,6 +295,8 @@ class _ValidScene:
     manifest: dict[str, Any]
     labels_path: Path
     scene_path: Path
+    cog_path: Path
+    """``scene_path`` itself when it is a COG already, else its conversion."""
 
 
 def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
@@ -299,7 +305,7 @@ def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
     from retrain_lib.geo.annotations import load_annotations
     from retrain_lib.geo.crs import pixel_to_map
     from retrain_lib.geo.geojson import Feature, write_geojson
-    from retrain_lib.geo.raster import inspect_scene, probe_pixels
+    from retrain_lib.geo.raster import as_cog, inspect_scene, probe_pixels
 
     scene_name = PurePosixPath(pair.scene_key).name
     labels_name = PurePosixPath(pair.labels_key or "").name
@@ -328,6 +334,11 @@ def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
                                                  strict=True))]
     labels_out = out_dir / f"{scene_id}.geojson"
     write_geojson(labels_out, features, scene.crs)
+    try:
+        cog_path = as_cog(local_scene, out_dir / f"{scene_id}.cog.tif")
+    except InputError as exc:
+        return None, [Problem(scene_name, _strip_path(str(exc), local_scene))], notes
+    converted = cog_path != local_scene
     manifest = {
         "scene_id": scene_id, "object_type": cfg.name, "drop_id": drop_id,
         "source_scene": scene_name, "source_annotations": labels_name,
@@ -336,8 +347,12 @@ def _validate_scene(pair: _Pair, local_scene: Path, local_labels: Path,
         "transform": list(scene.transform)[:6], "gsd_m": scene.gsd_m,
         "objects": len(features), "objects_per_class": dict(Counter(classes)),
         "notes": notes,
+        # scene_sha256 is the analyst's file; scene.tif is it, or its lossless COG conversion.
+        "cog": {"converted": converted,
+                "source": CATALOG_SOURCE_SCENE if converted else None,
+                "scene_tif_sha256": file_sha256(cog_path) if converted else None},
     }
-    return _ValidScene(pair, scene_id, manifest, labels_out, local_scene), [], notes
+    return _ValidScene(pair, scene_id, manifest, labels_out, local_scene, cog_path), [], notes
 
 
 def _strip_path(message: str, local: Path) -> str:
@@ -498,7 +513,9 @@ def _catalog_scene(storage: Storage, object_type: str, scene: _ValidScene,
         existing = storage.get_json(manifest_key)
         if existing.get("scene_sha256") == scene.manifest["scene_sha256"]:
             return  # cataloged by an earlier, interrupted run
-    storage.put_file(scene.scene_path, join_key(prefix, CATALOG_SCENE))
+    if scene.cog_path != scene.scene_path:
+        storage.put_file(scene.scene_path, join_key(prefix, CATALOG_SOURCE_SCENE))
+    storage.put_file(scene.cog_path, join_key(prefix, CATALOG_SCENE))
     storage.put_file(scene.labels_path, join_key(prefix, CATALOG_ANNOTATIONS))
     storage.put_json(manifest_key, {
         **scene.manifest,

@@ -61,6 +61,8 @@ from retrain_lib.geo.raster import (
     SceneInfo,
     gdal_env,
     open_raster,
+    raster_fingerprint,
+    raster_uri,
     resolve_tile_px,
     scene_info,
     scene_stretch,
@@ -89,15 +91,6 @@ def params_hash(params: TilingConfig, classes: Sequence[str]) -> str:
                "params": params.model_dump(mode="json", exclude={"workers"})}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _scene_fingerprint(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
-        handle.seek(max(0, size - (1 << 20)))
-        tail = hashlib.sha256(handle.read(1 << 20)).hexdigest()
-    return {"size": size, "head_sha256": head, "tail_sha256": tail}
 
 
 # --------------------------------------------------------------------------- result
@@ -233,7 +226,7 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
         group_dir = Path(out_dir) / digest
         shard_dir = group_dir / scene.scene_id
         source = {
-            "scene": _scene_fingerprint(scene_path),
+            "scene": raster_fingerprint(scene_path),
             "labels_sha256": file_sha256(labels) if labels is not None else None,
             "aoi_sha256": file_sha256(aoi_path) if aoi_path is not None else None,
             "classes_sha256": hashlib.sha256(
@@ -260,6 +253,8 @@ def tile_scene(scene_path: str | os.PathLike[str], labels_path: str | os.PathLik
                 workers=n_workers, progress=progress, digest=digest, source=source,
                 started=started, windows=windows, tile_extras=tile_extras)
             _publish(tmp_dir, shard_dir)
+        except StorageError:
+            raise  # already names what failed (e.g. the scene's object on S3)
         except OSError as exc:
             raise StorageError(f"{group_dir}: cannot write the shard of scene "
                                f"{scene.scene_id} ({exc})") from None
@@ -402,7 +397,7 @@ def _build_shard(scene: SceneInfo, *, dataset_bands: tuple[int, ...], params: Ti
         "classes": list(classes),
         "params": params.model_dump(mode="json", exclude={"workers"}),
         "source": dict(source),
-        "scene": {"path": str(scene.path), "width": scene.width, "height": scene.height,
+        "scene": {"path": raster_uri(scene.path), "width": scene.width, "height": scene.height,
                   "crs": scene.crs.to_wkt(), "transform": list(scene.transform)[:6],
                   "gsd_m": scene.gsd_m, "dtype": scene.dtype, "count": scene.count},
         "tile_px": tile_px,

@@ -112,7 +112,9 @@ def _check_suffix(name: str, where: str) -> None:
 
 def _local_file(path: Path, source: str) -> ModelRef:
     if not path.is_file():
-        raise InputError(f"{source}: model weights file not found")
+        hint = ("; weights are never downloaded from the internet: give a path, a storage URI "
+                "or models:/<name>@<alias>" if "/" not in source else "")
+        raise InputError(f"{source}: model weights file not found{hint}")
     _check_suffix(path.name, source)
     # Ultralytics writes <run>/weights/best.pt: the run's folder names the model better.
     parts = PurePosixPath(source).parts if "://" in source else path.parts

@@ -17,12 +17,9 @@ both runs are held to the same assertions.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +37,7 @@ from tests.conftest import (
     PLANTED_SECRET,
     drop_region,
     good_and_bad_drops,
+    metadata_database,
     put_folder,
     storage_backend,
 )
@@ -76,43 +74,6 @@ TINY_CONFIG: dict[str, Any] = {
     # of 1.0 makes cycle 2 keep the champion, whatever the noise.
     "promotion": {"absolute_floor": 0.0, "min_improvement": 1.0},
 }
-
-
-# --------------------------------------------------------------------------- metadata database
-
-
-def _postgres_admin() -> Any:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
-                            connect_timeout=3)
-    conn.autocommit = True
-    return conn
-
-
-@contextlib.contextmanager
-def metadata_database(fallback: Path) -> Iterator[str]:
-    """A fresh Airflow metadata database: PostgreSQL when it answers (required in CI), else
-    SQLite at ``fallback``."""
-    try:
-        admin = _postgres_admin()
-    except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) for "
-                        f"the DAG tests: {exc}")
-        yield f"sqlite:///{fallback}"
-        return
-    name = f"autoretrain_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    admin.close()
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin = _postgres_admin()
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _stack(root: Path, configs: Path, metadata_url: str, *, retries: int | None = 0,
@@ -500,7 +461,10 @@ def test_cycle_one_catalogs_quarantines_trains_and_promotes(scenario: Scenario) 
 
 @pytest.mark.slow
 def test_every_run_gives_the_cycle_lock_back(scenario: Scenario) -> None:
-    assert not scenario.storage.exists("cycles/vehicle/lock.json")
+    from retrain_lib.cycle.lock import lock_state
+
+    lock = lock_state(scenario.storage, "vehicle")
+    assert lock is not None and lock.released and lock.cycle_id == scenario.runs["cycle2"].cycle_id
     for name in ("cycle1", "rerun", "cycle2"):
         assert scenario.states[name]["release_cycle"] == "success", scenario.states[name]
     # A run that decided not to retrain never took it: its teardown is skipped with it.

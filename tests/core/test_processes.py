@@ -112,3 +112,41 @@ def test_sigterm_to_up_stops_airflow_and_mlflow(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_demo_mid_training_stops_airflow_and_the_trainer(tmp_path: Path) -> None:
+    """What ``make demo`` runs, stopped while its first training runs: the ``airflow dags test``
+    process and the training process below it must go with it (they held both cores)."""
+    root = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("autoretrain")), "demo", "--root", str(root),
+         "--scenes", "2", "--size", "256", "--objects-per-class", "2", "--epochs", "50",
+         "--finetune-epochs", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    marker = f"AIRFLOW_HOME={root.resolve() / 'airflow'}"
+    try:
+        deadline = time.monotonic() + 480
+        trainers: list[int] = []
+        while not trainers:  # wait until the demo's DAG run is training
+            assert proc.poll() is None and time.monotonic() < deadline, "never trained"
+            time.sleep(1)
+            trainers = [pid for pid in _processes_with(marker)
+                        if b"retrain_lib.training" in _cmdline(pid)]
+        started = _processes_with(marker)
+        assert len(started) >= 2, started  # airflow dags test, and the trainer below it
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        assert _wait_gone(started) == []
+        assert _processes_with(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

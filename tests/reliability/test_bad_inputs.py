@@ -125,6 +125,9 @@ CLI_CASES = [
         "name: vehicle\nclasses: [car]\nschedule: often\n"), "schedule"),
     CliCase("config unknown runner", _config_case(
         "name: vehicle\nclasses: [car]\nrunner: {kind: slurm}\n"), "runner.kind"),
+    CliCase("config weights by a bare name", _config_case(
+        "name: vehicle\nclasses: [car]\ntraining: {initial_model: yolo11n.pt}\n"),
+        "training.initial_model"),
     CliCase("config a list, not a mapping", _config_case("- name: vehicle\n"), "vehicle.yaml"),
     CliCase("scene missing", lambda t: ["tile", str(t / "gone.tif"), "--labels",
                                         str(t / "gone.geojson"), "--classes", "car",
@@ -186,6 +189,65 @@ def test_bad_input_on_the_command_line_gets_one_clear_message(case: CliCase,
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors, output[-3000:]
     assert case.names in " ".join(errors), errors
+
+
+class _ConnectionRecorder:
+    """An HTTP(S) proxy on 127.0.0.1 that records every connection and answers none."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(16)
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.parametrize("command", ["train", "detect"])
+def test_weights_named_by_a_bare_file_name_are_refused_never_downloaded(
+        command: str, tmp_path: Path) -> None:
+    """``yolo11n.pt`` is what Ultralytics downloads when it is missing; AutoRetrain loads
+    weights only from a file, storage or the registry. Ultralytics' offline switch is off here,
+    and every HTTP(S) request goes to a proxy that counts them."""
+    import os
+
+    args = (["train", "--data", str(make_dataset(tmp_path / "ds", size=64)), "--out",
+             str(tmp_path / "o"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--weights", "yolo11n.pt"] if command == "train" else
+            ["detect", str(_scene(tmp_path / "in")[0]), "--out", str(tmp_path / "o.geojson"),
+             "--model", "yolo11n.pt"])
+    proxy = _ConnectionRecorder()
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}
+    env.update({"HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url, "http_proxy": proxy.url,
+                "https_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""})
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    try:
+        proc = subprocess.run([AUTORETRAIN, *args], capture_output=True, text=True,
+                              timeout=300, cwd=cwd, env=env, check=False)
+    finally:
+        proxy.close()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "error: yolo11n.pt: model weights file not found; weights are never downloaded" \
+        in output, output[-3000:]
+    assert proxy.connections == 0
+    assert sorted(p.name for p in cwd.iterdir()) == []  # nothing fetched into the folder
 
 
 # --------------------------------------------------------------------------- a cycle's ingest

@@ -161,7 +161,10 @@ def _check_one_clean_cycle(storage: Storage, mlflow_uri: str, drops: Path) -> No
     assert not leftovers, leftovers
     # Each killed run left the cycle's lock; each rerun of the cycle took it up, and the last
     # gave it back.
-    assert "cycles/vehicle/lock.json" not in keys
+    from retrain_lib.cycle.lock import lock_state
+
+    lock = lock_state(storage, "vehicle")
+    assert lock is not None and lock.released, lock
 
     # Every byte dropped is under the root, once: the good drop in the catalog, the bad one
     # in quarantine with the reason of what is wrong with it, incoming/ empty.

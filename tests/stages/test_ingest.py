@@ -68,6 +68,50 @@ def test_good_drop_is_cataloged_then_removed_from_incoming(storage: LocalStorage
     assert {f["properties"]["class"] for f in labels["features"]} == {"car", "truck"}
 
 
+@pytest.mark.parametrize("already_cog", [False, True])
+def test_scenes_are_cataloged_as_cogs_and_the_analysts_file_is_kept(
+        storage: LocalStorage, tmp_path: Path, already_cog: bool) -> None:
+    import numpy as np
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from retrain_lib.geo.raster import as_cog
+
+    folder = tmp_path / "src" / "d1"
+    make_drop(folder, [SceneSpec(scene_id="s0", width=768, height=768, objects_per_class=3,
+                                 decoys=1, seed=3)])
+    dropped = folder / "s0.tif"
+    with rasterio.open(dropped) as src:  # as many sensors write them: in strips, no overviews
+        profile, pixels = {**src.profile, "tiled": False}, src.read()
+    for key in ("blockxsize", "blockysize"):
+        profile.pop(key, None)
+    with rasterio.open(dropped, "w", **profile) as dst:
+        dst.write(pixels)
+    assert not cog_validate(str(dropped), quiet=True)[0]
+    if already_cog:
+        os.replace(as_cog(dropped, tmp_path / "cog.tif"), dropped)
+    original = dropped.read_bytes()
+    upload(storage, folder, "d1")
+    assert ingest_drop(storage, CFG, "d1").status == "cataloged"
+    scene = storage.path("catalog/vehicle/scenes/d1-s0/scene.tif")
+    assert cog_validate(str(scene), quiet=True)[0]  # windows can be read in place
+    manifest = storage.get_json("catalog/vehicle/scenes/d1-s0/manifest.json")
+    assert manifest["cog"]["converted"] is not already_cog
+    source = storage.path("catalog/vehicle/scenes/d1-s0/source.tif")
+    if already_cog:
+        assert scene.read_bytes() == original and not source.exists()
+        return
+    # The analyst's file, byte for byte, and the conversion holds the same pixels.
+    assert source.read_bytes() == original
+    assert manifest["cog"]["source"] == "source.tif"
+    with rasterio.open(source) as a, rasterio.open(scene) as b:
+        assert np.array_equal(a.read(), b.read()) and a.profile["crs"] == b.profile["crs"]
+        assert a.transform == b.transform and b.overviews(1)
+    import hashlib
+
+    assert manifest["scene_sha256"] == hashlib.sha256(original).hexdigest()
+
+
 def test_annotations_in_wgs84_and_aliases_are_normalised(storage: LocalStorage,
                                                          tmp_path: Path) -> None:
     folder = tmp_path / "src" / "d2"

@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -617,3 +618,146 @@ def test_memory_stays_flat_as_the_scene_grows(tmp_path: Path) -> None:
     large = _peak_rss_growth_mb(tmp_path, 8000)
     assert large < 150, f"tiling a 192 MB scene grew RSS by {large:.0f} MB"
     assert large - small < 40, f"RSS growth {small:.0f} MB -> {large:.0f} MB for 4x the pixels"
+
+
+# --------------------------------------------------------------------------- scenes on S3
+
+
+@pytest.fixture()
+def s3_scene(tmp_path: Path, s3_endpoint: str) -> Iterator[tuple[Path, Path, str, Any]]:
+    """A 1024 x 1024 scene and its labels locally, and the same scene in a bucket of the S3
+    server, reached through a proxy that counts the bytes fetched and can be stopped: (local
+    scene, labels, ``s3://`` URI of the scene, the proxy)."""
+    import uuid
+
+    import boto3
+
+    from retrain_lib.core.storage import S3Settings, open_storage
+    from tests.conftest import SocketProxy
+
+    local = write_raster(tmp_path / "scene.tif", 1024, 1024, block=256)
+    labels = write_labels(tmp_path / "labels.geojson",
+                          [px_box(40, 40, 80, 90), px_box(700, 500, 760, 540)], CLASSES)
+    proxy = SocketProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    settings = S3Settings(endpoint_url=proxy.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = f"scenes-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing"
+                 ).create_bucket(Bucket=bucket)
+    storage = open_storage(f"s3://{bucket}/root", s3=settings)
+    storage.put_file(local, "catalog/scene.tif")
+    try:
+        yield local, labels, storage.raster_path("catalog/scene.tif"), (proxy, settings)
+    finally:
+        proxy.stop()
+
+
+def test_a_scene_on_s3_is_tiled_in_place_as_a_local_copy_would_be(
+        tmp_path: Path, s3_scene: tuple[Path, Path, str, Any]) -> None:
+    from retrain_lib.geo.raster import object_storage
+
+    local, labels, remote, (proxy, settings) = s3_scene
+    params = TilingConfig(tile_size=256, overlap=32, background_ratio=1.0)
+    here = tile_scene(local, labels, CLASSES, tmp_path / "local", params, scene_id="s",
+                      workers=1)
+    proxy.bytes_to_client = 0
+    with object_storage(settings):
+        there = tile_scene(Path(remote), labels, CLASSES, tmp_path / "s3", params,
+                           scene_id="s", workers=2)
+
+    def content(result: TilingResult) -> dict[str, bytes]:
+        return {str(p.relative_to(result.shard_dir)): p.read_bytes()
+                for p in result.shard_dir.rglob("*") if p.is_file() and p.name != "index.json"}
+
+    assert content(there) == content(here) and there.tiles_written == here.tiles_written > 0
+    index = read_index(there)
+    assert index["scene"]["path"].startswith("s3://scenes-")  # named as people know it
+    assert set(index["source"]["scene"]) == {"size", "etag"}
+    # Every pixel was needed here (background ratio 1): what was fetched is about the file,
+    # never two copies of it.
+    assert proxy.bytes_to_client < 1.3 * local.stat().st_size, proxy.bytes_to_client
+
+
+def test_a_window_of_a_scene_on_s3_fetches_about_that_window(
+        tmp_path: Path, s3_scene: tuple[Path, Path, str, Any]) -> None:
+    from retrain_lib.geo.raster import object_storage
+
+    local, labels, remote, (proxy, settings) = s3_scene
+    proxy.bytes_to_client = 0
+    with object_storage(settings):
+        result = tile_scene(Path(remote), labels, CLASSES, tmp_path / "s3",
+                            TilingConfig(tile_size=256, overlap=0), scene_id="s", workers=1,
+                            windows=[PixelWindow(0, 0, 256, 256)])
+    assert result.tiles_written == 1
+    # One 256 px window of a 1024 px scene: a sixteenth of the pixels, plus the header.
+    assert proxy.bytes_to_client < 0.25 * local.stat().st_size, proxy.bytes_to_client
+
+
+def test_bad_s3_situations_name_the_bucket_and_key(
+        tmp_path: Path, s3_scene: tuple[Path, Path, str, Any]) -> None:
+    from retrain_lib.core.errors import StorageError
+    from retrain_lib.geo.raster import object_storage
+
+    _local, labels, remote, (proxy, settings) = s3_scene
+    missing = remote.replace("scene.tif", "gone.tif")
+    uri = "s3://" + missing[len("/vsis3/"):]
+    with object_storage(settings), pytest.raises(InputError, match=f"^{uri}: scene object "
+                                                 "not found$"):
+        tile_scene(Path(missing), labels, CLASSES, tmp_path / "out", scene_id="s")
+    # The server goes away in the middle of the pixels, then is gone: one error naming the
+    # object and the endpoint each time, and no shard that looks complete.
+    uri = "s3://" + remote[len("/vsis3/"):]
+    proxy.bytes_to_client, proxy.stop_after_bytes = 0, 400_000
+    with object_storage(settings), pytest.raises(
+            StorageError, match=f"^{uri}: cannot read (pixels .* )?from {settings.endpoint_url}"):
+        tile_scene(Path(remote), labels, CLASSES, tmp_path / "out", scene_id="s", workers=1,
+                   params=TilingConfig(tile_size=256, overlap=0, background_ratio=1.0))
+    _no_complete_shard_left(tmp_path / "out")
+    proxy.stop()
+    with object_storage(settings), pytest.raises(
+            StorageError, match=f"^{uri}: cannot read.* {settings.endpoint_url}"):
+        tile_scene(Path(remote), labels, CLASSES, tmp_path / "out", scene_id="s")
+    _no_complete_shard_left(tmp_path / "out")
+
+
+def test_denied_credentials_name_the_object(tmp_path: Path) -> None:
+    """An S3 endpoint that refuses every request, as S3 does keys it does not accept."""
+    import http.server
+    import threading
+
+    from retrain_lib.core.errors import StorageError
+    from retrain_lib.core.storage import S3Settings
+    from retrain_lib.geo.raster import object_storage
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _deny(self) -> None:
+            body = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                    b"<Message>Access Denied</Message></Error>")
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _deny
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{server.server_port}",
+                          region_name="us-east-1", aws_access_key_id="wrong",
+                          aws_secret_access_key="wrong")
+    labels = write_labels(tmp_path / "l.geojson", [px_box(0, 0, 9, 9)], ["car"])
+    try:
+        with object_storage(settings), pytest.raises(
+                StorageError, match=r"^s3://bucket/catalog/scene.tif: access denied"):
+            tile_scene(Path("/vsis3/bucket/catalog/scene.tif"), labels, CLASSES,
+                       tmp_path / "out", scene_id="s")
+    finally:
+        server.shutdown()
+    _no_complete_shard_left(tmp_path / "out")
