@@ -6,6 +6,7 @@ rather than run here; tests/airflow/test_dags.py runs the same DAG through ``Loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -169,36 +170,53 @@ def test_up_serves_the_demo_configs_once_the_demo_made_them(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_up_serves_airflow_with_the_dags_and_mlflow(tmp_path: Path) -> None:
+def test_up_serves_airflow_with_the_dags_and_mlflow_until_sigterm(tmp_path: Path) -> None:
+    """``autoretrain up`` as a user starts it: both UIs answer with the shipped DAGs, then
+    SIGTERM (what a service manager sends) stops every process it started."""
+    import signal
+    import subprocess
     import time
     import urllib.request
 
-    from retrain_lib.devtools.local_stack import run_up
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_for_port
+    from tests.core.test_processes import _processes_with, _wait_gone
 
     airflow_port, mlflow_port = free_port(), free_port()
-    seen: dict[str, object] = {}
+    root = tmp_path / "stack"
 
-    def get(port: int, path: str) -> object:
+    def get(port: int, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             return json.loads(response.read())
 
-    def check(stack: LocalStack) -> None:
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("autoretrain")), "up", "--root", str(root),
+         "--airflow-port", str(airflow_port), "--mlflow-port", str(mlflow_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    marker = f"AIRFLOW_HOME={root.resolve() / 'airflow'}"
+    try:
+        wait_for_port(mlflow_port, timeout_s=240)
+        wait_for_port(airflow_port, timeout_s=240)
+        dags: dict[str, bool] = {}
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:  # the DAG processor parses a moment after start
-            dags = get(airflow_port, "/api/v2/dags")["dags"]  # type: ignore[index]
-            seen["dags"] = {d["dag_id"]: d["is_paused"] for d in dags}
-            if len(seen["dags"]) == 4:  # type: ignore[arg-type]
-                break
+        while len(dags) < 4 and time.monotonic() < deadline:  # parsed a moment after start
+            with contextlib.suppress(OSError):
+                dags = {d["dag_id"]: d["is_paused"]
+                        for d in get(airflow_port, "/api/v2/dags")["dags"]}
             time.sleep(3)
-        seen["plugins"] = [p["name"] for p in get(airflow_port, "/api/v2/plugins")["plugins"]]  # type: ignore[index]
-        seen["experiments"] = get(mlflow_port, "/api/2.0/mlflow/experiments/search"
-                                  "?max_results=10")
-
-    run_up(tmp_path / "demo", airflow_port=airflow_port, mlflow_port=mlflow_port,
-           log=lambda _m: None, on_ready=check)
-    # No login for the local stack; both shipped types, paused until someone toggles them.
-    assert seen["dags"] == {"retrain_vehicle": True, "detect_vehicle": True,
-                            "retrain_aircraft": True, "detect_aircraft": True}
-    assert "autoretrain" in seen["plugins"]  # type: ignore[operator]
-    assert "experiments" in seen["experiments"]  # type: ignore[operator]
+        # No login for the local stack; both shipped types, paused until someone toggles them.
+        assert dags == {"retrain_vehicle": True, "detect_vehicle": True,
+                        "retrain_aircraft": True, "detect_aircraft": True}
+        plugins = [p["name"] for p in get(airflow_port, "/api/v2/plugins")["plugins"]]
+        assert "autoretrain" in plugins
+        assert "experiments" in get(mlflow_port, "/api/2.0/mlflow/experiments/search"
+                                                 "?max_results=10")
+        started = _processes_with(marker)
+        assert len(started) >= 2, started  # MLflow's server and workers, Airflow's components
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        assert _wait_gone(started) == []
+        assert _processes_with(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

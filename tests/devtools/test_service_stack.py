@@ -43,7 +43,7 @@ def _config(name: str, classes: tuple[str, ...]) -> dict[str, Any]:
         "trigger": {"min_new_annotations": 5, "max_days_without_training": 7},
         "tiling": {"tile_size": 128, "overlap": 0.1},
         "training": {"epochs": 1, "imgsz": 64, "batch": 8, "workers": 0,
-                     "candidates": [{"name": "a"}, {"name": "b", "overrides": {"mosaic": 0.0}}]},
+                     "candidates": [{"name": "a"}]},
         "mining": {"max_per_scene": 4, "oversample": 1},
         "promotion": {"absolute_floor": 0.0},  # one-epoch models score about 0
         "runner": {"kind": "local", "queue": "train", "pool": TRAIN_POOL},
@@ -137,9 +137,11 @@ def stack_run(tmp_path_factory: pytest.TempPathFactory,
             pools={TRAIN_POOL: 1},
             extra_env={
                 # A lost worker's task is found within a minute, and retried a moment later.
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
                 "AUTORETRAIN_TASK_RETRIES": "2", "AUTORETRAIN_TASK_RETRY_DELAY_S": "2",
+                # Sending a task to Redis can take over a second on a busy 2-core machine.
+                "AIRFLOW__CELERY__OPERATION_TIMEOUT": "10",
                 "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(root / "yolo-config"),
                 "MPLBACKEND": "Agg"},
             log=lambda _m: None)
@@ -211,7 +213,7 @@ def test_the_scheduler_runs_both_types_to_a_promoted_champion_on_s3(stack_run: S
         registry = ModelRegistry(f"autoretrain-{name}", stack_run.stack.mlflow_url)
         versions = registry.list_versions()
         # One version per candidate, though a training was killed and retried.
-        assert sorted(v.tags["candidate"] for v in versions) == ["a", "b"], versions
+        assert [v.tags["candidate"] for v in versions] == ["a"], versions
         champion = registry.champion()
         assert champion is not None
         assert champion.version == report["promotion"]["promoted_version"]
@@ -223,7 +225,7 @@ def test_the_scheduler_runs_both_types_to_a_promoted_champion_on_s3(stack_run: S
         assert champion.metrics["map50_95"] == pytest.approx(measured, abs=1e-6)
     # The weights are MLflow artifacts in S3, as the compose stack keeps them.
     artifacts = open_storage(stack_run.stack.mlflow_artifacts, s3=stack_run.stack.s3).list()
-    assert len([k for k in artifacts if k.endswith("weights/best.pt")]) == 4, artifacts
+    assert len([k for k in artifacts if k.endswith("weights/best.pt")]) == 2, artifacts
 
 
 @pytest.mark.slow
@@ -248,7 +250,7 @@ def test_tasks_ran_on_both_workers_and_training_only_on_the_train_queue(
     assert hosts == {"general", "trainer"}, hosts
     trains = [ti for dag in TYPES for ti in stack_run.task_instances[f"retrain_{dag}"]
               if ti["task_id"] == "train"]
-    assert len(trains) == 4
+    assert len(trains) == 2
     assert {(ti["queue"], ti["pool"], ti["hostname"]) for ti in trains} == {
         ("train", TRAIN_POOL, "trainer")}
     others = [ti for tis in stack_run.task_instances.values() for ti in tis
@@ -261,7 +263,7 @@ def test_the_pool_never_ran_more_trainings_at_once_than_it_has_slots(
         stack_run: StackRun) -> None:
     spans = sorted((_when(t["start_date"]), _when(t["end_date"]))
                    for t in stack_run.train_tries if t["start_date"] and t["end_date"])
-    assert len(spans) >= 5  # four trainings, one of them twice
+    assert len(spans) >= 3  # two trainings, one of them twice
     ended = spans[0][1]
     for start, end in spans[1:]:
         assert start >= ended - 1.0, spans  # one slot: each starts after the others ended

@@ -83,6 +83,32 @@ def test_known_false_positives_and_negatives_give_exactly_those_chips(
         assert sum(tile["objects"].values()) == len(labels)
 
 
+def test_a_scene_on_s3_is_mined_in_place_as_the_local_file_is(
+        scene: SyntheticScene, tmp_path: Path, s3_bucket: str, s3_endpoint: str) -> None:
+    """Mining reads only the windows of the mistakes, from S3 in place (/vsis3/)."""
+    from retrain_lib.core.storage import S3Settings, open_storage
+    from retrain_lib.geo.raster import object_storage
+
+    truth = list(scene.annotations)
+    decoys = [o for o in scene.objects if o.is_decoy]
+    items = [(o.polygon_map, o.class_name, 0.9) for o in truth[:-1]]
+    items.append((decoys[0].polygon_map, "car", 0.8))
+    preds = write_predictions(tmp_path / "pred.geojson", scene, items)
+    settings = S3Settings.from_env()
+    storage = open_storage(f"s3://{s3_bucket}/root", s3=settings)
+    storage.put_file(scene.path, "catalog/s/scene.tif")
+    here = mine_scene(scene.path, scene.annotations_path, preds, CFG, tmp_path / "local",
+                      model_version="3", workers=1)
+    with object_storage(settings):
+        there = mine_scene(Path(storage.raster_path("catalog/s/scene.tif")),
+                           scene.annotations_path, preds, CFG, tmp_path / "s3",
+                           model_version="3", workers=1)
+    assert there.counts == here.counts == {"false_positive": 1, "false_negative": 1}
+    (local_shard,), (s3_shard,) = here.shard_dirs, there.shard_dirs
+    assert sorted(p.read_bytes() for p in (s3_shard / "images").iterdir()) == sorted(
+        p.read_bytes() for p in (local_shard / "images").iterdir())
+
+
 def test_true_objects_inside_a_hard_negative_chip_stay_labelled(scene: SyntheticScene,
                                                                 tmp_path: Path) -> None:
     truth = list(scene.annotations)
