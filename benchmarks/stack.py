@@ -32,13 +32,12 @@ TYPES = {"vehicle": ("car", "truck"), "aircraft": ("airplane", "helicopter")}
 
 def run_arm(types: list[str], scenes: int, epochs: int, root: Path, endpoint: str
             ) -> dict[str, Any]:
-    import boto3
     import yaml
 
     from retrain_lib.core.storage import S3Settings, open_storage
     from retrain_lib.devtools.local_stack import project_folders
     from retrain_lib.devtools.service_stack import ServiceStack
-    from tests.conftest import postgres_database
+    from tests.conftest import new_bucket, postgres_database
     from tests.devtools.test_service_stack import _config, _drop, _put_folder
 
     dags, plugins, _ = project_folders()
@@ -46,10 +45,7 @@ def run_arm(types: list[str], scenes: int, epochs: int, root: Path, endpoint: st
     configs.mkdir(parents=True)
     s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
                     aws_access_key_id="bench", aws_secret_access_key="bench")
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="bench", aws_secret_access_key="bench"
-                 ).create_bucket(Bucket=bucket)
+    bucket = new_bucket(s3, "bench")
     storage = open_storage(f"s3://{bucket}/data", s3=s3)
     for seed, name in enumerate(types):
         cfg = _config(name, TYPES[name])

@@ -247,6 +247,17 @@ class Backend:
         return env
 
 
+def new_bucket(s3: S3Settings, prefix: str) -> str:
+    """A fresh, empty bucket on the S3 server ``s3`` names; its name."""
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region_name or "us-east-1",
+                 aws_access_key_id=s3.aws_access_key_id,
+                 aws_secret_access_key=s3.aws_secret_access_key).create_bucket(Bucket=name)
+    return name
+
+
 BACKENDS = ["local", "s3"]
 PLANTED_SECRET = "planted-s3-secret-7f3a9c"
 """The S3 backend's secret key: it must never appear in anything a cycle writes."""
@@ -263,7 +274,6 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest, *,
     if name == "local":
         yield Backend(name, str(root / "storage"))
         return
-    import boto3
 
     endpoint = request.getfixturevalue("s3_endpoint")
     proxy = None
@@ -274,10 +284,7 @@ def storage_backend(name: str, root: Path, request: pytest.FixtureRequest, *,
     # A recognisable secret: tests grep what a cycle wrote for it (moto accepts any key).
     s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
                     aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET)
-    bucket = f"cycle-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET
-                 ).create_bucket(Bucket=bucket)
+    bucket = new_bucket(s3, "cycle")
     public, private = s3.environment()
     artifacts = f"s3://{bucket}/mlflow"
     try:

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from retrain_lib.cli.options import DEFAULT_CONFIGS, ConfigDirOption
 from retrain_lib.cli.render import Table, console, metric
 from retrain_lib.core.console import handle_errors
 
@@ -18,7 +17,10 @@ __all__ = ["demo_command", "up_command"]
 def demo_command(
     root: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path(
         ".autoretrain/demo"),
-    configs: ConfigDirOption = DEFAULT_CONFIGS,
+    configs: Annotated[Path | None, typer.Option(
+        "--configs", envvar="AUTORETRAIN_CONFIGS",
+        help="Folder of object-type configs (default: the checkout's configs/object_types, "
+        "from any working folder).")] = None,
     object_type: Annotated[str, typer.Option("--type", help="Object type to demo.")] = "vehicle",
     scenes: Annotated[int, typer.Option(min=2, max=50, help="Scenes per region drop.")] = 6,
     size: Annotated[int, typer.Option(min=256, max=20000, help="Scene edge in pixels.")] = 768,

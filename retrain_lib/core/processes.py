@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["start_process", "stop_on_sigterm", "stop_process_group"]
+__all__ = ["start_process", "stop_on_sigterm", "stop_process_group", "stop_process_groups"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -68,26 +68,33 @@ def stop_process_group(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> No
     """SIGTERM a child's process group and every descendant (a server may start some in
     groups of their own; a training marks its MLflow run KILLED), then SIGKILL what is left
     after ``grace_s``."""
+    stop_process_groups([proc], grace_s)
+
+
+def stop_process_groups(procs: Sequence[subprocess.Popen[Any]], grace_s: float = 30.0) -> None:
+    """:func:`stop_process_group` for several children at once: all are signalled first, so
+    they shut down side by side within one ``grace_s``."""
     import psutil
 
-    if proc.poll() is not None:
-        return
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
+    running = [p for p in procs if p.poll() is None]
+    descendants: list[psutil.Process] = []
+    for proc in running:
+        with contextlib.suppress(psutil.Error):
+            descendants += psutil.Process(proc.pid).children(recursive=True)
     deadline = time.monotonic() + grace_s
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
     for child in descendants:
         with contextlib.suppress(psutil.Error):
             child.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     _, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
     for child in alive:
         with contextlib.suppress(psutil.Error):

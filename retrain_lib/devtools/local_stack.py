@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain_lib.core.errors import ConfigError, RetrainError
-from retrain_lib.core.processes import start_process, stop_process_group
+from retrain_lib.core.processes import start_process, stop_process_group, stop_process_groups
 from retrain_lib.core.storage import S3Settings, Storage, open_storage
 from retrain_lib.cycle.settings import run_cycle_id
 
@@ -30,6 +30,7 @@ __all__ = [
     "TASK_STARTED",
     "DagRunOutcome",
     "LocalStack",
+    "airflow_process_env",
     "project_folders",
     "run_up",
     "up_stack",
@@ -161,11 +162,7 @@ class LocalStack:
 
     def process_env(self) -> dict[str, str]:
         """This process's environment with the stack's settings on top."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
-        # `airflow standalone` starts its components as `airflow ...`: find this environment's.
-        path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return {**env, "PATH": path, **self.environment()}
+        return airflow_process_env(self.environment())
 
     def airflow(self, *args: str, check: bool = True, timeout_s: float | None = None
                 ) -> subprocess.CompletedProcess[str]:
@@ -232,6 +229,16 @@ class LocalStack:
                                f"{code}); the last lines of {log_path}:\n{tail}")
         return DagRunOutcome(dag_id, run_id, logical_date, state,
                              round(time.monotonic() - started, 1), log_path, tuple(tasks), error)
+
+
+def airflow_process_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment of an Airflow process started from here: this process's, without its
+    own Airflow settings (they never leak into a stack), with ``settings`` on top."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
+    # `airflow standalone` starts its components as `airflow ...`: find this environment's.
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return {**env, "PATH": path, **settings}
 
 
 def _error_text(line: str) -> str:
@@ -324,6 +331,5 @@ def run_up(root: str | Path, *, configs: str | Path | None = None, airflow_port:
                                        f"{logs / f'{name}-up.log'}")
             time.sleep(2)
     finally:
-        for proc in procs.values():
-            stop_process_group(proc)
+        stop_process_groups(list(procs.values()))
     return stack

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from retrain_lib.core.errors import RetrainError
-from retrain_lib.core.processes import start_process, stop_process_group
+from retrain_lib.core.processes import start_process, stop_process_groups
 from retrain_lib.core.storage import S3Settings
+from retrain_lib.devtools.local_stack import airflow_process_env
 
 __all__ = [
     "COMPOSE_AIRFLOW_ENV",
@@ -208,10 +209,7 @@ class ServiceStack:
 
     def process_env(self, **more: str) -> dict[str, str]:
         """This process's environment without its own Airflow settings, with the stack's."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
-        path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return {**env, "PATH": path, **self.airflow_environment(), **more}
+        return airflow_process_env({**self.airflow_environment(), **more})
 
     # ------------------------------------------------------------------ processes
 
@@ -291,9 +289,8 @@ class ServiceStack:
         return tree
 
     def stop(self) -> None:
-        """Stop every process of the stack (workers first: their tasks end before the API)."""
-        for name in sorted(self._procs, key=lambda n: not n.startswith("worker")):
-            stop_process_group(self._procs[name], grace_s=20)
+        """Stop every process of the stack, side by side (SIGTERM, SIGKILL after 20 s)."""
+        stop_process_groups(list(self._procs.values()), grace_s=20)
         self._procs.clear()
 
     def __enter__(self) -> ServiceStack:

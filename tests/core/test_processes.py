@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,18 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def sigterm_stops_every_process(proc: subprocess.Popen[Any], marker: str) -> None:
+    """SIGTERM ``proc`` (a command that started servers or runs) and check that it exits as
+    after a shell's kill and that every process of its stack (those whose environment holds
+    ``marker``) is gone with it."""
+    started = _processes_with(marker)
+    assert len(started) >= 2, started  # the command and what it started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert _wait_gone(started) == []
+    assert _processes_with(marker) == []
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -105,7 +118,7 @@ def test_sigterm_to_the_demo_mid_training_stops_airflow_and_the_trainer(tmp_path
     root = tmp_path / "demo"
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("autoretrain")), "demo", "--root", str(root),
-         "--scenes", "2", "--size", "256", "--objects-per-class", "2", "--epochs", "50",
+         "--scenes", "2", "--size", "256", "--objects-per-class", "4", "--epochs", "50",
          "--finetune-epochs", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     marker = f"AIRFLOW_HOME={root.resolve() / 'airflow'}"
@@ -117,12 +130,7 @@ def test_sigterm_to_the_demo_mid_training_stops_airflow_and_the_trainer(tmp_path
             time.sleep(1)
             trainers = [pid for pid in _processes_with(marker)
                         if b"retrain_lib.training" in _cmdline(pid)]
-        started = _processes_with(marker)
-        assert len(started) >= 2, started  # airflow dags test, and the trainer below it
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143
-        assert _wait_gone(started) == []
-        assert _processes_with(marker) == []
+        sigterm_stops_every_process(proc, marker)  # airflow dags test, the trainer below it
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -173,13 +173,12 @@ def test_up_serves_the_demo_configs_once_the_demo_made_them(tmp_path: Path) -> N
 def test_up_serves_airflow_with_the_dags_and_mlflow_until_sigterm(tmp_path: Path) -> None:
     """``autoretrain up`` as a user starts it: both UIs answer with the shipped DAGs, then
     SIGTERM (what a service manager sends) stops every process it started."""
-    import signal
     import subprocess
     import time
     import urllib.request
 
     from tests.conftest import free_port, wait_for_port
-    from tests.core.test_processes import _processes_with, _wait_gone
+    from tests.core.test_processes import sigterm_stops_every_process
 
     airflow_port, mlflow_port = free_port(), free_port()
     root = tmp_path / "stack"
@@ -210,12 +209,7 @@ def test_up_serves_airflow_with_the_dags_and_mlflow_until_sigterm(tmp_path: Path
         assert "autoretrain" in plugins
         assert "experiments" in get(mlflow_port, "/api/2.0/mlflow/experiments/search"
                                                  "?max_results=10")
-        started = _processes_with(marker)
-        assert len(started) >= 2, started  # MLflow's server and workers, Airflow's components
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143
-        assert _wait_gone(started) == []
-        assert _processes_with(marker) == []
+        sigterm_stops_every_process(proc, marker)  # MLflow's and Airflow's servers
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -30,7 +30,13 @@ import yaml
 from retrain_lib.core.storage import S3Settings, Storage, open_storage
 from retrain_lib.devtools.local_stack import project_folders
 from retrain_lib.devtools.service_stack import COMPOSE_AIRFLOW_ENV, ServiceStack
-from tests.conftest import PLANTED_SECRET, REPO_ROOT, postgres_available, postgres_database
+from tests.conftest import (
+    PLANTED_SECRET,
+    REPO_ROOT,
+    new_bucket,
+    postgres_available,
+    postgres_database,
+)
 
 DAGS, PLUGINS, _SHIPPED = project_folders()
 TYPES = {"vehicle": ("car", "truck"), "aircraft": ("airplane", "helicopter")}
@@ -98,7 +104,6 @@ def _training_processes(stack: ServiceStack, worker: str) -> list[psutil.Process
 @pytest.fixture(scope="module")
 def stack_run(tmp_path_factory: pytest.TempPathFactory,
               request: pytest.FixtureRequest) -> Iterator[StackRun]:
-    import boto3
     import redis
 
     if not postgres_available("the service-stack test"):
@@ -108,13 +113,10 @@ def stack_run(tmp_path_factory: pytest.TempPathFactory,
     configs.mkdir()
     for name, classes in TYPES.items():
         (configs / f"{name}.yaml").write_text(yaml.safe_dump(_config(name, classes)))
-    endpoint = request.getfixturevalue("s3_endpoint")
-    s3 = S3Settings(endpoint_url=endpoint, region_name="us-east-1",
-                    aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET)
-    bucket = f"stack-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key=PLANTED_SECRET
-                 ).create_bucket(Bucket=bucket)
+    s3 = S3Settings(endpoint_url=request.getfixturevalue("s3_endpoint"),
+                    region_name="us-east-1", aws_access_key_id="testing",
+                    aws_secret_access_key=PLANTED_SECRET)
+    bucket = new_bucket(s3, "stack")
     storage = open_storage(f"s3://{bucket}/data", s3=s3)
     # The analysts' drops, and scenes waiting for the champion's detections.
     for seed, (name, classes) in enumerate(TYPES.items()):

@@ -628,12 +628,8 @@ def s3_scene(tmp_path: Path, s3_endpoint: str) -> Iterator[tuple[Path, Path, str
     """A 1024 x 1024 scene and its labels locally, and the same scene in a bucket of the S3
     server, reached through a proxy that counts the bytes fetched and can be stopped: (local
     scene, labels, ``s3://`` URI of the scene, the proxy)."""
-    import uuid
-
-    import boto3
-
     from retrain_lib.core.storage import S3Settings, open_storage
-    from tests.conftest import SocketProxy
+    from tests.conftest import SocketProxy, new_bucket
 
     local = write_raster(tmp_path / "scene.tif", 1024, 1024, block=256)
     labels = write_labels(tmp_path / "labels.geojson",
@@ -642,10 +638,7 @@ def s3_scene(tmp_path: Path, s3_endpoint: str) -> Iterator[tuple[Path, Path, str
     proxy.start()
     settings = S3Settings(endpoint_url=proxy.url, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
-    bucket = f"scenes-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing"
-                 ).create_bucket(Bucket=bucket)
+    bucket = new_bucket(settings, "scenes")
     storage = open_storage(f"s3://{bucket}/root", s3=settings)
     storage.put_file(local, "catalog/scene.tif")
     try:
