@@ -43,8 +43,12 @@ lint: dev
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# Two workers: most slow tests (a cycle, a DAG run) keep one core busy, so two share the
+# machine's cores; --dist loadscope keeps a module's tests (and its fixtures) on one worker.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 6379, as in CI.
 stack-test: dev

@@ -15,7 +15,9 @@ __all__ = ["detect_command", "evaluate_command"]
 
 @handle_errors
 def detect_command(
-    scene: Annotated[Path, typer.Argument(help="Scene GeoTIFF (georeferenced).")],
+    scene: Annotated[str, typer.Argument(
+        help="Scene GeoTIFF (georeferenced): a file, or s3://bucket/key read in place, window "
+        "by window (endpoint and keys: AUTORETRAIN_S3_ENDPOINT_URL and the AWS variables).")],
     model: Annotated[str, typer.Option(
         "--model", help="Weights file (.pt) or MLflow URI, e.g. models:/autoretrain-vehicle"
         "@champion.")],
@@ -53,6 +55,7 @@ def detect_command(
     from retrain_lib.core.config import TilingConfig, format_validation_error
     from retrain_lib.core.console import progress_bar
     from retrain_lib.core.errors import ConfigError
+    from retrain_lib.geo.raster import object_storage, scene_location
     from retrain_lib.stages.inference import (
         DetectOptions,
         detect_scene,
@@ -72,8 +75,10 @@ def detect_command(
     if out.suffix.lower() not in (".geojson", ".json", ".gpkg"):
         raise ConfigError(f"--out {out}: use a .geojson or .gpkg file name")
     detector = load_detector(model, device=device, tracking_uri=mlflow_uri)
-    with progress_bar(f"detect {scene.name}", unit="tiles", remaining=True) as bar:
-        result = detect_scene(scene, detector, options, scene_id=scene_id,
+    scene_path = scene_location(scene)
+    with object_storage(None), progress_bar(f"detect {scene_path.name}", unit="tiles",
+                                            remaining=True) as bar:
+        result = detect_scene(scene_path, detector, options, scene_id=scene_id,
                               on_progress=lambda done, total: bar.update(done, total))
     written = write_detections(result, out, wgs84_path=wgs84)
     stats = result.stats

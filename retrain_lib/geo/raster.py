@@ -38,7 +38,7 @@ from rasterio.enums import MaskFlags
 from retrain_lib.core.config import TilingConfig
 from retrain_lib.core.errors import ConfigError, InputError, RetrainError, StorageError
 from retrain_lib.core.io import safe_id
-from retrain_lib.core.storage import S3Settings
+from retrain_lib.core.storage import S3Settings, S3Storage
 from retrain_lib.geo.crs import scene_gsd_m, to_crs
 from retrain_lib.geo.windows import PixelWindow
 
@@ -58,6 +58,7 @@ __all__ = [
     "raster_uri",
     "read_chip",
     "resolve_tile_px",
+    "scene_location",
     "scene_stretch",
 ]
 
@@ -121,6 +122,12 @@ def object_storage(settings: S3Settings | None) -> Iterator[None]:
 
 def _s3_uri(vsi_path: str) -> str:
     return "s3://" + vsi_path[len(_VSIS3):]
+
+
+def scene_location(text: str) -> Path:
+    """What :func:`open_raster` opens for a scene a user names: ``s3://bucket/key`` becomes its
+    ``/vsis3/`` path (read in place inside :func:`object_storage`), anything else a path."""
+    return Path(_VSIS3 + text[len("s3://"):]) if text.startswith("s3://") else Path(text)
 
 
 def raster_uri(path: str | os.PathLike[str]) -> str:
@@ -197,8 +204,6 @@ def raster_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
         except FileNotFoundError:
             raise InputError(f"{text}: scene file not found") from None
         return {"size": size, "head_sha256": head, "tail_sha256": tail}
-    from retrain_lib.core.storage import S3Storage
-
     bucket, _, key = text[len(_VSIS3):].partition("/")
     stat = S3Storage(f"s3://{bucket}", settings=_object_storage).stat(key)
     return {"size": stat["size"], "etag": stat["etag"]}

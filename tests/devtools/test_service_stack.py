@@ -139,7 +139,7 @@ def stack_run(tmp_path_factory: pytest.TempPathFactory,
             pools={TRAIN_POOL: 1},
             extra_env={
                 # A lost worker's task is found within a minute, and retried a moment later.
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
                 "AUTORETRAIN_TASK_RETRIES": "2", "AUTORETRAIN_TASK_RETRY_DELAY_S": "2",
                 # Sending a task to Redis can take over a second on a busy 2-core machine.

@@ -454,6 +454,29 @@ def test_cli_detect_then_evaluate(tiny_yolo: Path, tiny_scene: tuple[Path, Path]
     assert json.loads(metrics_path.read_text())["counts"]["truth"] == 10
 
 
+@pytest.mark.slow
+def test_cli_detect_reads_a_scene_on_s3_in_place(tiny_yolo: Path, tiny_scene: tuple[Path, Path],
+                                                 tmp_path: Path, s3_bucket: str) -> None:
+    """``detect s3://bucket/key`` gives what the local file gives, without a download."""
+    from retrain_lib.core.storage import open_storage
+
+    scene, _truth = tiny_scene
+    open_storage(f"s3://{s3_bucket}").put_file(scene, "scenes/tiny-scene.tif")
+    args = ["--model", str(tiny_yolo), "--tile-size", "128", "--overlap", "0.25", "--conf",
+            "0.001", "--batch", "4", "--device", "cpu"]
+    runner = CliRunner()
+    here, there = tmp_path / "local.geojson", tmp_path / "s3.geojson"
+    for source, out in ((str(scene), here), (f"s3://{s3_bucket}/scenes/tiny-scene.tif", there)):
+        result = runner.invoke(app, ["detect", source, "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+    features = [json.loads(p.read_text())["features"] for p in (here, there)]
+    assert features[0] == features[1] and features[0]
+    missing = runner.invoke(app, ["detect", f"s3://{s3_bucket}/scenes/gone.tif", "--out",
+                                  str(tmp_path / "x.geojson"), *args])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert f"s3://{s3_bucket}/scenes/gone.tif: scene object not found" in missing.output
+
+
 def test_cli_detect_bad_inputs(tmp_path: Path) -> None:
     runner = CliRunner()
     scene = write_blob_scene(tmp_path / "scene.tif", 64, 64, [])
