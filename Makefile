@@ -44,11 +44,13 @@ lint: dev
 	$(BIN)/mypy
 
 # Two workers: most slow tests (a cycle, a DAG run) keep one core busy, so two share the
-# machine's cores; --dist loadscope keeps a module's tests (and its fixtures) on one worker.
+# machine's cores. tests/conftest.py keeps a module's tests on one worker (--dist loadgroup)
+# and puts modules with slow tests first (--no-loadscope-reorder keeps that order).
 PYTEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+		$(PYTEST_ARGS)
 
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 6379, as in CI.
 stack-test: dev

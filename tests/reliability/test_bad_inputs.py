@@ -35,7 +35,7 @@ from retrain_lib.core.config import parse_object_type_config
 from retrain_lib.core.errors import ConfigError, InputError
 from retrain_lib.core.storage import Storage
 from tests.conftest import BACKENDS, REPO_ROOT, put_folder, storage_backend
-from tests.reliability.test_crashes import CRASH_POINTS, OUTAGES
+from tests.reliability.test_crashes import CRASH_POINTS, OUTAGES, S3_CRASH_POINTS
 from tests.training.test_train import make_dataset
 
 AUTORETRAIN = str(Path(sys.executable).with_name("autoretrain"))
@@ -438,7 +438,8 @@ def test_the_reliability_report_counts_what_the_suite_runs() -> None:
     assert int(counts["bad drops through a cycle's ingest, per backend"]) == len(DROP_CASES)
     assert int(counts["generated GeoJSON documents per run"]) == 150
     assert int(counts["generated configs per run"]) == 200
-    assert int(counts["kill -9 points in a whole cycle, per backend"]) == len(CRASH_POINTS)
+    assert int(counts["kill -9 points in a whole cycle, local storage"]) == len(CRASH_POINTS)
+    assert int(counts["kill -9 points in a whole cycle, S3"]) == len(S3_CRASH_POINTS)
     # + the Docker engine (tests/training) and a Celery worker (tests/devtools/test_service_stack)
     assert int(counts["services stopped during a cycle"]) == len(OUTAGES) + 2
 
