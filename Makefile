@@ -44,12 +44,13 @@ lint: dev
 	$(BIN)/mypy
 
 # Two workers: most slow tests (a cycle, a DAG run) keep one core busy, so two share the
-# machine's cores. tests/conftest.py keeps a module's tests on one worker (--dist loadgroup)
-# and puts modules with slow tests first (--no-loadscope-reorder keeps that order).
+# machine's cores. --dist loadscope keeps a module's (or a class's) tests on one worker, so its
+# fixtures are built once; tests/conftest.py puts modules with slow tests first, and
+# --no-loadscope-reorder keeps that order.
 PYTEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder \
 		$(PYTEST_ARGS)
 
 # Needs PostgreSQL on 127.0.0.1:5432 (trust auth) and Redis on 6379, as in CI.

@@ -404,18 +404,13 @@ def _isolate_home_state(tmp_path_factory: pytest.TempPathFactory,
 # --------------------------------------------------------------------------- xdist scheduling
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Schedule for ``make test`` (``-n 2 --dist loadgroup``): a module's tests share a worker
-    (its module and session fixtures are built once) unless it is marked ``independent``, and
-    modules with slow tests come first, so that two long ones never end the run alone."""
-    slow_modules = {item.module.__name__ for item in items  # type: ignore[attr-defined]
-                    if item.get_closest_marker("slow")}
-    for item in items:
-        module = item.module.__name__  # type: ignore[attr-defined]
-        if not item.get_closest_marker("independent") and \
-                not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(module))
+    """Order for ``make test`` (``-n 2 --dist loadscope --no-loadscope-reorder``): modules
+    with slow tests first, so that no long test starts last and ends the run alone. A module's
+    tests (a class's, where a module splits its slow tests into classes) share a worker, so
+    its fixtures are built once; the order inside a module is kept."""
+    slow = {item.module.__name__ for item in items  # type: ignore[attr-defined]
+            if item.get_closest_marker("slow")}
     order = {id(item): n for n, item in enumerate(items)}
-    items.sort(key=lambda item: (item.module.__name__ not in slow_modules,  # type: ignore[attr-defined]
+    items.sort(key=lambda item: (item.module.__name__ not in slow,  # type: ignore[attr-defined]
                                  order[id(item)]))

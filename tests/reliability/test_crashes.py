@@ -26,15 +26,12 @@ import yaml
 
 from retrain_lib.core.storage import Storage, open_storage
 from tests.conftest import (
-    BACKENDS,
     REPO_ROOT,
     Backend,
     good_and_bad_drops,
     put_folder,
     storage_backend,
 )
-
-pytestmark = pytest.mark.independent  # one cycle per backend: they may run side by side
 
 CYCLE_CONFIG = {
     "name": "vehicle", "classes": ["car", "truck"],
@@ -90,10 +87,23 @@ def _cycle(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Com
                           timeout=900, check=False)
 
 
+# One class per backend: `make test`'s workers (--dist loadscope) may run them side by side.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
-        backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+class TestLocalStorage:
+    def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
+            self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        crash_chain("local", tmp_path, request)
+
+
+@pytest.mark.slow
+class TestS3:
+    def test_a_cycle_killed_at_every_stage_and_rerun_ends_as_one_clean_cycle(
+            self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        crash_chain("s3", tmp_path, request)
+
+
+def crash_chain(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Kill ``autoretrain cycle`` at every point in turn, rerun, finish, check one clean cycle."""
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "vehicle.yaml").write_text(yaml.safe_dump(CYCLE_CONFIG))
