@@ -17,8 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Cheapest first, so a broken setup shows early.
-BENCHMARKS = ("dag_parse", "training", "tiling", "s3_tiling", "inference", "stack",
-              "retrain_efficacy")
+BENCHMARKS = ("dag_parse", "trace_lookup", "history", "training", "tiling", "s3_tiling",
+              "inference", "stack", "retrain_efficacy")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from retrain_lib.airflow.tasks import (
     release_current_cycle,
     run_cycle_stage,
     run_stage,
+    stage_timing,
 )
 from retrain_lib.core.config import ObjectTypeConfig
 
@@ -110,8 +111,9 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
             context = get_current_context()
             started = datetime.now(UTC).isoformat(timespec="seconds")
-            check = run_stage(trigger.check_new_data, cfg, force=context["params"]["force"],
-                              started_at=started)
+            with stage_timing(cfg, "check"):
+                check = run_stage(trigger.check_new_data, cfg,
+                                  force=context["params"]["force"], started_at=started)
             if not check["retrain"]:
                 # A re-run of a finished cycle skips too, but keeps that cycle's report.
                 run_stage(report.record_skip, cfg, current_cycle_id(context),
@@ -124,7 +126,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
         def ingest() -> dict[str, Any]:
             from retrain_lib.cycle import data
 
-            return run_cycle_stage(data.ingest, cfg, current_cycle_id())
+            return run_cycle_stage(data.ingest, cfg, current_cycle_id(), timed="ingest")
 
         @task
         def list_scenes() -> list[str]:
@@ -138,19 +140,19 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
             context: dict[str, Any] = get_current_context()  # type: ignore[assignment]
             context["scene_id"] = scene_id  # the mapped task's label in the UI
-            return run_cycle_stage(data.tile_one, cfg, scene_id)
+            return run_cycle_stage(data.tile_one, cfg, scene_id, timed="tile", part=scene_id)
 
         @task(multiple_outputs=False)
         def mine() -> dict[str, Any]:
             from retrain_lib.cycle import mining
 
-            return run_cycle_stage(mining.mine, cfg, current_cycle_id())
+            return run_cycle_stage(mining.mine, cfg, current_cycle_id(), timed="mine")
 
         @task(multiple_outputs=False)
         def assemble() -> dict[str, Any]:
             from retrain_lib.cycle import data
 
-            return run_cycle_stage(data.assemble, cfg, current_cycle_id())
+            return run_cycle_stage(data.assemble, cfg, current_cycle_id(), timed="assemble")
 
         @task
         def select_candidates() -> list[str]:
@@ -179,7 +181,8 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
                 launch_pod = pod_launcher(cfg.runner.kubernetes, context)
             result = run_cycle_stage(models.train_candidate, cfg, current_cycle_id(context),
                                AssembledDataset.from_json(dataset), candidate,
-                               epochs=context["params"]["epochs"], launch_pod=launch_pod)
+                               epochs=context["params"]["epochs"], launch_pod=launch_pod,
+                               timed="train", part=candidate)
             publish_mlflow_link(mlflow_run_page(result["mlflow_run_id"]), context)
             return result
 
@@ -190,7 +193,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
 
             return run_cycle_stage(models.evaluate_models, cfg, AssembledDataset.from_json(dataset),
                              [TrainedCandidate.from_json(t) for t in trained],
-                             cycle_id=current_cycle_id())
+                             cycle_id=current_cycle_id(), timed="evaluate")
 
         @mlflow_task
         def register_and_promote(dataset: dict[str, Any], trained: list[dict[str, Any]],
@@ -202,7 +205,7 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             result = run_cycle_stage(models.register_and_promote, cfg, current_cycle_id(),
                                AssembledDataset.from_json(dataset),
                                [TrainedCandidate.from_json(t) for t in trained],
-                               Evaluation.from_json(evaluation))
+                               Evaluation.from_json(evaluation), timed="register")
             publish_mlflow_link(mlflow_model_page(
                 cfg.registered_model_name,
                 result.get("promoted_version") or result.get("champion_version")))

@@ -19,7 +19,7 @@ from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import CycleBusy, RetrainError, StorageError, TrainingFailed
 
 __all__ = ["current_cycle_id", "hold_current_cycle", "release_current_cycle", "retrain_errors",
-           "run_cycle_stage", "run_stage"]
+           "run_cycle_stage", "run_stage", "stage_timing"]
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,24 @@ def release_current_cycle(cfg: ObjectTypeConfig) -> None:
         release_cycle(cycle_settings().storage(), cfg.name, current_cycle_id())
 
 
+@contextmanager
+def stage_timing(cfg: ObjectTypeConfig, stage: str, part: str = "") -> Iterator[None]:
+    """Record how long the body takes as ``stage`` (and ``part``) of the running DAG run's
+    cycle (:mod:`retrain_lib.cycle.timing`); the report adds the records up."""
+    from retrain_lib.airflow.hooks import cycle_settings
+    from retrain_lib.cycle.timing import timed_stage
+
+    with timed_stage(cycle_settings().storage(), cfg.name, current_cycle_id(), stage, part):
+        yield
+
+
 def run_cycle_stage(stage: Callable[..., Any], cfg: ObjectTypeConfig, *args: Any,
-                    **kwargs: Any) -> Any:
+                    timed: str | None = None, part: str = "", **kwargs: Any) -> Any:
     """:func:`run_stage` for a stage of a retraining cycle: the cycle's lock is renewed
-    first, so two cycles of one type never interleave."""
+    first, so two cycles of one type never interleave. With ``timed``, the stage's time is
+    recorded under that name (``part``: the scene or candidate of a mapped task)."""
     hold_current_cycle(cfg)
-    return run_stage(stage, cfg, *args, **kwargs)
+    if timed is None:
+        return run_stage(stage, cfg, *args, **kwargs)
+    with stage_timing(cfg, timed, part):
+        return run_stage(stage, cfg, *args, **kwargs)

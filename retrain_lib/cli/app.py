@@ -13,7 +13,17 @@ from typing import Annotated
 import typer
 
 from retrain_lib import __version__
-from retrain_lib.cli import config, cycle, data, demo, inference, mining, models
+from retrain_lib.cli import (
+    config,
+    cycle,
+    data,
+    demo,
+    history,
+    inference,
+    mining,
+    models,
+    trace,
+)
 from retrain_lib.cli.render import console
 from retrain_lib.core.processes import stop_on_sigterm
 from retrain_lib.training.entrypoint import train_command
@@ -54,7 +64,8 @@ _COMMANDS: dict[str, Callable[..., None]] = {
     "train": train_command, "mine": mining.mine_command,
     "models": models.models_command, "promote": models.promote_command,
     "rollback": models.rollback_command, "cycle": cycle.cycle_command,
-    "demo": demo.demo_command, "up": demo.up_command,
+    "history": history.history_command,
+    "demo": demo.demo_command, "up": demo.up_command, "trace": trace.trace_command,
 }
 for _name, _command in _COMMANDS.items():
     app.command(_name)(_command)

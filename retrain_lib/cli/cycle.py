@@ -6,7 +6,12 @@ from typing import Annotated
 
 import typer
 
-from retrain_lib.cli.options import DEFAULT_CONFIGS, ConfigDirOption, MlflowUriOption
+from retrain_lib.cli.options import (
+    DEFAULT_CONFIGS,
+    ConfigDirOption,
+    MlflowUriOption,
+    StorageOption,
+)
 from retrain_lib.cli.render import console
 from retrain_lib.core.console import handle_errors
 
@@ -17,8 +22,7 @@ __all__ = ["cycle_command"]
 def cycle_command(
     object_type: Annotated[str, typer.Argument(help="Object type, e.g. vehicle.")],
     configs: ConfigDirOption = DEFAULT_CONFIGS,
-    storage: Annotated[str | None, typer.Option(
-        help="Storage root (default $AUTORETRAIN_STORAGE or .autoretrain/storage).")] = None,
+    storage: StorageOption = None,
     mlflow_uri: MlflowUriOption = None,
     cycle_id: Annotated[str | None, typer.Option(help="Default: a UTC timestamp.")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even without enough new data.")] = False,
@@ -39,4 +43,10 @@ def cycle_command(
                                 on_stage=lambda name, _v: console.print(f"[cyan]>[/] {name} done"))
     reason = stages.check.reason if stages.check else ""
     console.print(f"cycle {cid}: [bold]{written.status}[/] ({reason}); report: {written.report}")
+    from retrain_lib.cycle.timing import stage_times
+
+    times = stage_times(settings.storage(), cfg.name, cid)
+    if times:
+        console.print("time per stage: " + ", ".join(
+            f"{stage} {t.wall_s:.1f} s" for stage, t in times.items()), highlight=False)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["DEFAULT_CONFIGS", "ConfigDirOption", "MlflowUriOption"]
+__all__ = ["DEFAULT_CONFIGS", "ConfigDirOption", "MlflowUriOption", "StorageOption"]
 
 DEFAULT_CONFIGS = Path("configs/object_types")
 
@@ -17,3 +17,5 @@ MlflowUriOption = Annotated[str | None, typer.Option(
     "--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a local "
     "SQLite file).")]
 
+StorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="Storage root (default $AUTORETRAIN_STORAGE or .autoretrain/storage).")]

@@ -9,11 +9,12 @@ resolves them against a local directory or an S3 prefix::
     chips/<type>/<params_hash>/<scene_id>/          tiles, labels, index.json
     hard/<type>/<cycle_id>/                         hard-chip shards + manifest.json
     datasets/<type>/splits.json                     the frozen scene splits
-    datasets/<type>/<dataset_version>/              data.yaml, lists, test scenes, card
+    datasets/<type>/<dataset_version>/              data.yaml, lists, test scenes, card, chips.gpkg
     models/<type>/<run_id>/                         weights, results, result.json
     predictions/<type>/<model_version>/<scene_id>.geojson
     inference/incoming/<type>/, inference/done/<type>/
     cycles/<type>/<cycle_id>/report.json|md         what a cycle did and decided
+    cycles/<type>/<cycle_id>/timing/                how long each stage run took
     cycles/<type>/state.json                        what the last trainings used
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "CATALOG_MANIFEST",
     "CATALOG_SCENE",
     "CATALOG_SOURCE_SCENE",
+    "DATASET_CHIP_INDEX",
     "SHARD_INDEX",
     "catalog_prefix",
     "catalog_scene_key",
@@ -54,6 +56,8 @@ CATALOG_SOURCE_SCENE = "source.tif"
 """The analyst's own file, byte for byte, kept beside ``scene.tif`` when that is a conversion."""
 CATALOG_ANNOTATIONS = "annotations.geojson"
 CATALOG_MANIFEST = "manifest.json"
+DATASET_CHIP_INDEX = "chips.gpkg"
+"""A dataset version's spatial index of its chips (stages.chip_index)."""
 SHARD_INDEX = "index.json"
 """A shard (a scene's chips) is complete once its index exists: it is written last."""
 
@@ -172,6 +176,16 @@ def cycle_ingest_key(object_type: str, cycle_id: str) -> str:
 def cycle_dataset_key(object_type: str, cycle_id: str) -> str:
     """The dataset version a cycle assembled: a rerun of the cycle trains on the same one."""
     return join_key("cycles", object_type, cycle_id, "dataset.json")
+
+
+def cycle_timing_prefix(object_type: str, cycle_id: str) -> str:
+    """How long each stage of a cycle took, one record per stage run (see cycle.timing)."""
+    return join_key("cycles", object_type, cycle_id, "timing") + "/"
+
+
+def cycle_timing_key(object_type: str, cycle_id: str, name: str) -> str:
+    """One stage run's time, ``cycles/<type>/<cycle_id>/timing/<stage>[.<part>].json``."""
+    return join_key("cycles", object_type, cycle_id, "timing", f"{name}.json")
 
 
 def cycle_lock_prefix(object_type: str) -> str:

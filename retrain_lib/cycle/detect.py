@@ -48,6 +48,7 @@ __all__ = [
     "SceneDetected",
     "ServingModel",
     "detect_incoming_scene",
+    "inference_scene_id",
     "list_inference_scenes",
     "serving_model",
 ]
@@ -98,8 +99,10 @@ def serving_model(cfg: ObjectTypeConfig, settings: CycleSettings) -> ServingMode
                         model_uri=version_uri(cfg, champion.version))
 
 
-def _scene_id(incoming: str, key: str) -> str:
-    relative = PurePosixPath(key[len(incoming) + 1:])
+def inference_scene_id(folder: str, key: str) -> str:
+    """The scene id of a scene file under an inference folder (incoming or done): its path
+    below the folder, ``/`` turned into ``-``, without the suffix."""
+    relative = PurePosixPath(key[len(folder) + 1:])
     return safe_id(str(relative.with_suffix("")).replace("/", "-"), fallback="scene")
 
 
@@ -119,7 +122,7 @@ def detect_incoming_scene(cfg: ObjectTypeConfig, settings: CycleSettings, scene_
     if not scene_key.startswith(incoming + "/"):
         raise InputError(f"{scene_key}: not under {incoming}/; only scenes dropped there are "
                          "detected")
-    scene_id = _scene_id(incoming, scene_key)
+    scene_id = inference_scene_id(incoming, scene_key)
     version = model.version
     key = predictions_key(cfg.name, version, scene_id)
     done_key = join_key(inference_done_prefix(cfg.name), scene_key[len(incoming) + 1:])

@@ -22,6 +22,7 @@ from retrain_lib.cycle.results import (
 )
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.state import record_training
+from retrain_lib.cycle.timing import stage_times
 
 __all__ = ["cycle_status", "record_skip", "report_markdown", "write_report"]
 
@@ -35,6 +36,10 @@ def cycle_status(stages: CycleStages) -> CycleStatus:
     if stages.promotion is None:
         return "incomplete"
     return "promoted" if stages.promotion.promoted_version else "completed"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def report_markdown(report: CycleReport) -> str:
@@ -67,6 +72,9 @@ def report_markdown(report: CycleReport) -> str:
             values = scores.headline()
             lines.append(f"| {name} | " + " | ".join(
                 "-" if values[k] is None else f"{values[k]:.4f}" for k in _HEADLINE) + " |")
+    if report.stage_times:
+        lines.append("- time per stage: " + ", ".join(
+            f"{stage} {_duration(t.wall_s)}" for stage, t in report.stage_times.items()))
     if report.promotion:
         promoted = report.promotion.promoted_version
         champion = report.promotion.champion_version
@@ -89,10 +97,12 @@ def write_report(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str,
     if started:
         fields["started_at"] = started
     status = cycle_status(stages)
+    times = stage_times(storage, cfg.name, cycle_id)
     report = CycleReport.model_validate({
         "cycle_id": cycle_id, "object_type": cfg.name, "status": status,
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_version": __version__, **fields})
+        "code_version": __version__, **fields,
+        **({"stage_times": {k: v.to_json() for k, v in times.items()}} if times else {})})
     storage.put_json(report_key(cfg.name, cycle_id), report.to_json())
     storage.put_bytes(report_markdown_key(cfg.name, cycle_id),
                       report_markdown(report).encode())

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from retrain_lib.core.records import Record
+from retrain_lib.cycle.timing import StageTime
 from retrain_lib.stages.dataset import DatasetVersion
 from retrain_lib.stages.evaluate import Metrics
 from retrain_lib.stages.ingest import DropOutcome
@@ -197,3 +198,5 @@ class CycleReport(CycleStages):
     status: CycleStatus
     written_at: str
     code_version: str
+    stage_times: dict[str, StageTime] | None = None
+    """How long each stage took (cycle.timing), in cycle order."""

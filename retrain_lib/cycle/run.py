@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ from retrain_lib.cycle.models import evaluate_models, register_and_promote, trai
 from retrain_lib.cycle.report import write_report
 from retrain_lib.cycle.results import CycleStages, ReportWritten
 from retrain_lib.cycle.settings import CycleSettings
+from retrain_lib.cycle.timing import timed_stage
 from retrain_lib.cycle.trigger import check_new_data
 
 __all__ = ["run_cycle"]
@@ -43,36 +45,51 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
         reached = CycleStages(**stages)
         return write_report(cfg, settings, cycle_id, reached), reached
 
-    check = done("check", check_new_data(cfg, settings, force=force))
+    storage = settings.storage()
+
+    def timed(stage: str, part: str = "") -> AbstractContextManager[None]:
+        return timed_stage(storage, cfg.name, cycle_id, stage, part)
+
+    with timed("check"):
+        check = done("check", check_new_data(cfg, settings, force=force))
     if not check.retrain:
         return report()
-    storage = settings.storage()
 
     def hold() -> None:  # renewed before each stage: a long cycle keeps its lease
         hold_cycle(storage, cfg.name, cycle_id)
 
     hold()
     try:
-        done("ingest", ingest(cfg, settings, cycle_id))
+        with timed("ingest"):
+            done("ingest", ingest(cfg, settings, cycle_id))
+        tiles = []
+        for scene in scenes_to_tile(cfg, settings):
+            hold()
+            with timed("tile", scene):
+                tiles.append(tile_one(cfg, settings, scene))
+        done("tiles", tiles)
         hold()
-        done("tiles", [tile_one(cfg, settings, s) for s in scenes_to_tile(cfg, settings)])
+        with timed("mine"):
+            done("mine", mine(cfg, settings, cycle_id))
         hold()
-        done("mine", mine(cfg, settings, cycle_id))
-        hold()
-        dataset = done("dataset", assemble(cfg, settings, cycle_id))
+        with timed("assemble"):
+            dataset = done("dataset", assemble(cfg, settings, cycle_id))
         names = list(candidates) if candidates else [c.name for c in cfg.training.candidates]
         trained = []
         for name in names:
             hold()
-            trained.append(train_candidate(cfg, settings, cycle_id, dataset, name,
-                                           epochs=epochs))
+            with timed("train", name):
+                trained.append(train_candidate(cfg, settings, cycle_id, dataset, name,
+                                               epochs=epochs))
         done("trained", trained)
         hold()
-        evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained,
-                                                        cycle_id=cycle_id))
+        with timed("evaluate"):
+            evaluation = done("evaluation", evaluate_models(cfg, settings, dataset, trained,
+                                                            cycle_id=cycle_id))
         hold()
-        done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
-                                               evaluation))
+        with timed("register"):
+            done("promotion", register_and_promote(cfg, settings, cycle_id, dataset, trained,
+                                                   evaluation))
         return report()
     finally:
         # Whatever ended this run (a rerun takes the cycle up again); only a kill leaves the

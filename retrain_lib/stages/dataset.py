@@ -7,6 +7,7 @@ Layout in storage::
     datasets/<type>/<version>/val.txt            oversampling), labels at images -> labels
     datasets/<type>/<version>/test_scenes.json   the frozen test scenes (whole scenes)
     datasets/<type>/<version>/card.json|card.md  counts per class, region, source and reason
+    datasets/<type>/<version>/chips.gpkg         where each chip lies (lon/lat), for trace
     datasets/<type>/<version>/data.yaml          written last: the version exists once it does
 
 Policies:
@@ -30,19 +31,29 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import InputError
-from retrain_lib.core.layout import SHARD_INDEX, dataset_prefix, join_key, scene_splits_key
+from retrain_lib.core.layout import (
+    DATASET_CHIP_INDEX,
+    SHARD_INDEX,
+    dataset_prefix,
+    hard_prefix,
+    join_key,
+    scene_splits_key,
+)
 from retrain_lib.core.records import Record
 from retrain_lib.core.storage import Storage
+from retrain_lib.stages.chip_index import IndexedChip, bounds_to_lonlat, write_chip_index
 
 __all__ = [
     "ChipRef",
@@ -50,6 +61,7 @@ __all__ = [
     "SceneSplit",
     "assemble_dataset",
     "assign_scene_splits",
+    "dataset_version_id",
     "load_scene_splits",
     "read_shard_chips",
 ]
@@ -130,6 +142,11 @@ class ChipRef:
     source: Literal["regular", "hard"] = "regular"
     reason: str = ""
     shard_sha256: str = ""
+    shard_prefix: str = ""
+    bounds: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """The chip's footprint in its scene's CRS (``crs``, WKT)."""
+    crs: str = ""
+    labels_sha256: str = ""
 
     @property
     def is_background(self) -> bool:
@@ -147,6 +164,8 @@ def read_shard_chips(storage: Storage, shard_prefix: str, *, region: str = "",
     except ValueError as exc:
         raise InputError(f"{storage.url(index_key)}: not a valid tile index ({exc})") from None
     digest = hashlib.sha256(raw).hexdigest()
+    crs = str((index.get("scene") or {}).get("crs", ""))
+    labels_sha256 = str((index.get("source") or {}).get("labels_sha256") or "")
     chips = []
     for tile in index.get("tiles", []):
         if tile.get("status") != "written" or not tile.get("image"):
@@ -154,8 +173,50 @@ def read_shard_chips(storage: Storage, shard_prefix: str, *, region: str = "",
         chips.append(ChipRef(
             image_key=join_key(shard_prefix, tile["image"]), scene_id=index["scene_id"],
             region=region, objects=dict(tile.get("objects") or {}), source=source,
-            reason=str(tile.get("reason", "")), shard_sha256=digest))
+            reason=str(tile.get("reason", "")), shard_sha256=digest, shard_prefix=shard_prefix,
+            bounds=tuple(tile.get("map_bounds") or (0.0, 0.0, 0.0, 0.0)),
+            crs=crs, labels_sha256=labels_sha256))
     return chips
+
+
+def dataset_version_id(classes: Sequence[str], train: Sequence[str], val: Sequence[str],
+                       test_scenes: Sequence[str], shard_hashes: Iterable[str]) -> str:
+    """The content hash that names a dataset version: its classes, its lists (storage keys,
+    with repeats), its test scenes and the SHA-256 of every shard index its chips come from."""
+    identity = {"classes": list(classes), "train": list(train), "val": list(val),
+                "test": list(test_scenes), "shards": sorted(set(shard_hashes))}
+    return "ds-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()
+                                  ).hexdigest()[:12]
+
+
+def _indexed_chips(train_entries: Sequence[ChipRef], val: Sequence[ChipRef],
+                   hard_prefix_root: str) -> list[IndexedChip]:
+    """The distinct chips of a version, with their footprints in lon/lat."""
+    repeats = Counter(c.image_key for c in train_entries)
+    unique: dict[str, tuple[ChipRef, str]] = {}
+    for chip in train_entries:
+        unique.setdefault(chip.image_key, (chip, "train"))
+    for chip in val:
+        unique.setdefault(chip.image_key, (chip, "val"))
+    by_crs: dict[str, list[str]] = defaultdict(list)
+    for key, (chip, _) in unique.items():
+        by_crs[chip.crs].append(key)
+    lonlat: dict[str, tuple[float, float, float, float]] = {}
+    for crs, keys in by_crs.items():
+        boxes = [unique[k][0].bounds for k in keys]
+        lonlat.update(zip(keys, bounds_to_lonlat(boxes, crs) if crs else boxes, strict=True))
+    out = []
+    for key, (chip, split) in unique.items():
+        cycle = ""
+        if chip.source == "hard" and key.startswith(hard_prefix_root + "/"):
+            cycle = key[len(hard_prefix_root) + 1:].split("/", 1)[0]
+        out.append(IndexedChip(
+            image_key=key, scene_id=chip.scene_id, region=chip.region, split=split,
+            source=chip.source, reason=chip.reason, mining_cycle=cycle,
+            repeats=repeats.get(key, 0), shard_prefix=chip.shard_prefix,
+            shard_sha256=chip.shard_sha256, labels_sha256=chip.labels_sha256,
+            bounds_lonlat=lonlat[key]))
+    return out
 
 
 class DatasetVersion(Record):
@@ -298,8 +359,7 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
             split = splits.get(chip.scene_id)
             if split is not None and split.split != "train":
                 continue  # never train on a test or validation scene, even through hard chips
-            hard.append(ChipRef(chip.image_key, chip.scene_id, regions.get(chip.scene_id, ""),
-                                chip.objects, "hard", chip.reason, chip.shard_sha256))
+            hard.append(replace(chip, region=regions.get(chip.scene_id, "")))
     val = [c for c in regular if splits[c.scene_id].split == "val"]
     train = [c for c in regular if splits[c.scene_id].split == "train"]
     val_source = f"{len({c.scene_id for c in val})} whole validation scene(s)"
@@ -340,15 +400,9 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
         train_entries += [pool[i % len(pool)] for i in range(padding)]
     test_scenes = sorted(s for s, a in splits.items() if a.split == "test")
 
-    identity = {
-        "classes": classes,
-        "train": [c.image_key for c in train_entries],
-        "val": [c.image_key for c in val],
-        "test": test_scenes,
-        "shards": sorted({c.shard_sha256 for c in train_entries + val}),
-    }
-    version = "ds-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()
-                                     ).hexdigest()[:12]
+    version = dataset_version_id(classes, [c.image_key for c in train_entries],
+                                 [c.image_key for c in val], test_scenes,
+                                 (c.shard_sha256 for c in train_entries + val))
     prefix = dataset_prefix(cfg.name, version)
     data_key = join_key(prefix, "data.yaml")
     if storage.exists(data_key):
@@ -386,6 +440,10 @@ def assemble_dataset(storage: Storage, cfg: ObjectTypeConfig, *,
                                                           for s in test_scenes}})
     storage.put_json(join_key(prefix, "card.json"), card)
     storage.put_bytes(join_key(prefix, "card.md"), _card_markdown(card).encode())
+    with tempfile.TemporaryDirectory(prefix="autoretrain-chips-") as scratch:
+        index_path = Path(scratch) / DATASET_CHIP_INDEX
+        write_chip_index(index_path, _indexed_chips(train_entries, val, hard_prefix(cfg.name)))
+        storage.put_file(index_path, join_key(prefix, DATASET_CHIP_INDEX))
     import yaml
 
     storage.put_bytes(data_key, yaml.safe_dump({

@@ -19,6 +19,7 @@ from typing import Any
 from retrain_lib.core.config import PromotionConfig
 from retrain_lib.core.errors import ConfigError, RetrainError
 from retrain_lib.stages.mlflow_server import mlflow_client, mlflow_errors
+from retrain_lib.stages.weights import WEIGHTS_SHA256_TAG
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -225,10 +226,32 @@ class ModelRegistry:
 
     def list_versions(self) -> list[ModelVersionInfo]:
         """All versions, oldest first, with aliases, metrics and lineage tags."""
+        from mlflow.exceptions import MlflowException
+
+        # Search results carry the tags but not the aliases: those come from the model, in one
+        # call (not one call per version: 200 versions over HTTP took seconds).
+        found: list[Any] = []
+        token = None
         with self._calling("listing the versions"):
-            versions = self.client.search_model_versions(f"name = '{self.model_name}'")
-            full = [self.client.get_model_version(self.model_name, v.version) for v in versions]
-        return sorted((self._info(v) for v in full), key=lambda i: int(i.version))
+            while True:
+                page = self.client.search_model_versions(f"name = '{self.model_name}'",
+                                                         page_token=token)
+                found += list(page)
+                token = getattr(page, "token", None)
+                if not token:
+                    break
+        if not found:
+            return []
+        try:
+            with self._calling("reading the aliases"):
+                aliases = dict(self.client.get_registered_model(self.model_name).aliases or {})
+        except MlflowException:  # deleted in between: no aliases
+            aliases = {}
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        return sorted((replace(self._info(v), aliases=tuple(sorted(by_version.get(
+            str(v.version), ())))) for v in found), key=lambda i: int(i.version))
 
     def model_uri(self, alias: str = CHAMPION_ALIAS) -> str:
         """``models:/<name>@<alias>``: what inference loads."""
@@ -270,6 +293,7 @@ class ModelRegistry:
             "code_version": code_version,
             "candidate": candidate,
             "registered_at": _now(),
+            WEIGHTS_SHA256_TAG: (run.data.tags or {}).get(WEIGHTS_SHA256_TAG, ""),
             **_scalar_metrics(metrics or {}),
             **dict(extra_tags or {}),
         }

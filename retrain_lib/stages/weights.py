@@ -30,6 +30,7 @@ from retrain_lib.stages.mlflow_server import mlflow_client, mlflow_errors
 
 __all__ = [
     "WEIGHTS_IN_RUN",
+    "WEIGHTS_SHA256_TAG",
     "WEIGHTS_SUFFIXES",
     "ModelRef",
     "parse_models_uri",
@@ -38,6 +39,8 @@ __all__ = [
 
 WEIGHTS_IN_RUN = "weights/best.pt"
 """Path of the best weights under a training's output folder and among its MLflow artifacts."""
+WEIGHTS_SHA256_TAG = "weights_sha256"
+"""Run and model-version tag holding the SHA-256 of the weights file the training logged."""
 WEIGHTS_SUFFIXES = (".pt", ".onnx", ".engine", ".torchscript")
 
 

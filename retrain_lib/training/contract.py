@@ -24,6 +24,10 @@ __all__ = ["TrainRequest", "TrainResult", "parse_result_line"]
 
 _LIFTED_PARAMS = ("epochs", "imgsz", "batch", "seed")
 
+CONTAINER_IMAGE_ENV = "AUTORETRAIN_CONTAINER_IMAGE"
+"""Set by the Docker and Kubernetes runners inside the training: the image it runs in (with the
+image id where the runner knows it), recorded on the MLflow run as ``container_image``."""
+
 
 class TrainRequest(BaseModel):
     """Everything one training needs. Two equal requests are the same training (and resume)."""
@@ -153,6 +157,8 @@ class TrainResult(Record):
     model_source: str = ""
     """MLflow artifact URI of the run; register a model version with this as its source."""
     classes: tuple[str, ...] = ()
+    weights_sha256: str = ""
+    """SHA-256 of the weights file (also the run's ``weights_sha256`` tag)."""
 
     def to_line(self) -> str:
         """The result as one line of JSON."""

@@ -21,10 +21,10 @@ from typing import Any
 
 from retrain_lib.core.device import check_device_available
 from retrain_lib.core.errors import ConfigError, RetrainError, TrainingFailed
-from retrain_lib.core.io import atomic_write_text
+from retrain_lib.core.io import atomic_write_text, file_sha256
 from retrain_lib.core.storage import Storage, open_storage
 from retrain_lib.stages.mlflow_server import mlflow_errors
-from retrain_lib.stages.weights import WEIGHTS_IN_RUN
+from retrain_lib.stages.weights import WEIGHTS_IN_RUN, WEIGHTS_SHA256_TAG
 from retrain_lib.training.contract import TrainRequest, TrainResult
 from retrain_lib.training.initial_weights import (
     InitialWeights,
@@ -250,18 +250,21 @@ def _publish(run: TrainingRun, client: Any, run_id: str, out: Storage, metrics: 
     for path, key in uploads:
         out.put_file(path, key)
         client.log_artifact(run_id, str(path), artifact_path=posixpath.dirname(key) or None)
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
+    # The digest lets registration and `autoretrain trace` check the weights they are given.
+    weights_sha256 = file_sha256(best)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"final/{k}", v, now, 0) for k, v in
-                                      metrics.items()])
+                                      metrics.items()],
+                     tags=[RunTag(WEIGHTS_SHA256_TAG, weights_sha256)])
     rows = read_results_csv(save_dir / "results.csv")
     result = TrainResult(
         mlflow_run_id=run_id, weights_uri=out.url(WEIGHTS_IN_RUN), metrics=metrics,
         epochs_run=int(max((r.get("epoch", 0) for r in rows), default=0)),
         wall_time_s=round(time.monotonic() - run.started, 3), resumed=run.resumed,
         out_uri=out.uri, model_source=client.get_run(run_id).info.artifact_uri,
-        classes=dataset.names)
+        classes=dataset.names, weights_sha256=weights_sha256)
     out.put_bytes("result.json", (result.to_line() + "\n").encode("utf-8"))
     return result
 

@@ -20,7 +20,7 @@ from retrain_lib import __version__
 from retrain_lib.core.errors import ConfigError
 from retrain_lib.core.settings import ENV_TRACKING_URI
 from retrain_lib.stages.mlflow_server import check_reachable, mlflow_client, mlflow_errors
-from retrain_lib.training.contract import TrainRequest
+from retrain_lib.training.contract import CONTAINER_IMAGE_ENV, TrainRequest
 from retrain_lib.training.initial_weights import InitialWeights
 from retrain_lib.training.scratch import TrainingRun
 from retrain_lib.training.sources import DatasetSummary
@@ -129,6 +129,8 @@ class Tracking:
             "class_names": ",".join(dataset.names),
             "head_adapted": str(self.adapted).lower(),
             "autoretrain.request_hash": request.identity()[:20],
+            # Set by the Docker and Kubernetes runners: the image (with its id) it ran in.
+            "container_image": os.environ.get(CONTAINER_IMAGE_ENV, ""),
         }
         if sha:
             tags["mlflow.source.git.commit"] = sha

@@ -19,6 +19,7 @@ through the storage layer all the same.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -604,3 +605,129 @@ def test_airflow_lists_no_import_errors(scenario: Scenario) -> None:
     listed = _json_output(stack.airflow("dags", "list", "-o", "json").stdout)
     assert {d["dag_id"] for d in listed} == {"retrain_vehicle", "detect_vehicle"}
 
+
+
+def _autoretrain(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``autoretrain`` command as a user runs it against the scenario's storage and MLflow
+    (in a terminal wide enough that tables do not wrap the cycle ids)."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("autoretrain")), *args, "--configs",
+         str(stack.configs_dir), "--mlflow-uri", stack.tracking_uri],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "COLUMNS": "400"})
+
+
+@pytest.mark.slow
+def test_a_detection_of_the_cycle_two_model_traces_back_to_the_arid_drop(
+        scenario: Scenario, tmp_path: Path) -> None:
+    from retrain_lib.stages.chip_index import read_chip_index
+
+    storage = scenario.storage
+    assert isinstance(storage, LocalStorage)
+    cycle2 = scenario.runs["cycle2"].cycle_id
+    version = scenario.report("cycle2")["promotion"]["versions"]["a"]
+    dataset = _registry(scenario).get_version(version).tags["dataset_version"]
+    chips = read_chip_index(storage.path(f"datasets/vehicle/{dataset}/chips.gpkg"))
+    hard_scene = next(c.scene_id for c in chips if c.source == "hard")
+    # Cycle 2's model detects on an arid scene it trained on (low threshold: one epoch).
+    scene = tmp_path / f"{hard_scene}.tif"
+    scene.write_bytes(storage.get_bytes(f"catalog/vehicle/scenes/{hard_scene}/scene.tif"))
+    out = tmp_path / "detections.geojson"
+    detect = subprocess.run(
+        [str(Path(sys.executable).with_name("autoretrain")), "detect", str(scene), "--model",
+         f"models:/autoretrain-vehicle/{version}", "--out", str(out), "--conf", "0.001",
+         "--mlflow-uri", scenario.stack.tracking_uri],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert detect.returncode == 0, detect.stderr[-3000:]
+    features = json.loads(out.read_text())["features"]
+    assert features and features[0]["properties"]["model_version"] == version
+    feature = _detection_on_a_chip(out, [c for c in chips if c.scene_id == hard_scene])
+    traced = _autoretrain(scenario.stack, "trace", "vehicle", str(out), "--feature", feature,
+                          "--storage", str(storage.root), "--json")
+    assert traced.returncode == 0, traced.stderr[-3000:]
+    chain = json.loads(traced.stdout)
+    links = list(_walk(chain))
+    assert {link["status"] for link in links} == {"ok"}, traced.stdout
+    model = next(link for link in links if link["kind"] == "model_version")
+    assert model["details"]["version"] == version and model["details"]["cycle_id"] == cycle2
+    assert model["details"]["decision"] == "rejected"
+    [weights, *_] = [link for link in links if link["kind"] == "weights"]
+    assert "(checked)" in weights["title"]
+    # The chips it names hold the detection's place and come from the arid drop.
+    lon, lat = chain["details"]["centre_lonlat"]
+    dataset_link = next(link for link in model["children"] if link["kind"] == "dataset")
+    named = [link["details"] for link in _walk(dataset_link) if link["kind"] == "chip"]
+    assert named
+    for chip in named:
+        west, south, east, north = chip["bounds_lonlat"]
+        assert west <= lon <= east and south <= lat <= north
+        assert chip["scene_id"] == hard_scene
+    drops = {link["details"]["drop_id"] for link in _walk(dataset_link)
+             if link["kind"] == "drop"}
+    assert drops == {"region-b"}
+    # The scene's hard chips were mined in cycle 2, from the cycle-1 champion's mistakes.
+    wide = _autoretrain(scenario.stack, "trace", "vehicle", str(out), "--feature", feature,
+                        "--radius", "1000", "--ancestors", "0", "--storage",
+                        str(storage.root), "--json")
+    assert wide.returncode == 0, wide.stderr[-3000:]
+    hard = [link["details"] for link in _walk(json.loads(wide.stdout))
+            if link["kind"] == "chip" and link["details"]["source"] == "hard"]
+    champion = scenario.report("cycle1")["promotion"]["promoted_version"]
+    assert hard and {(c["mining_cycle"], c["mined_with_version"]) for c in hard} == {
+        (cycle2, champion)}
+    # The warm start leads to the cycle-1 champion, trained on the vegetated drop only.
+    parent = next(link for link in links if link["title"].startswith("warm-started from"))
+    assert parent["details"]["version"] == champion
+    assert {link["details"]["drop_id"] for link in _walk(parent) if link["kind"] == "drop"
+            } <= {"region-a"}
+
+
+def _detection_on_a_chip(predictions: Path, chips: list[Any]) -> str:
+    """The index of a detection whose centre lies on one of ``chips`` (a hard one if any)."""
+    import shapely
+
+    from retrain_lib.geo.crs import WGS84, reproject_geometries
+    from retrain_lib.geo.geojson import read_geojson
+
+    features, crs = read_geojson(predictions)
+    centres = reproject_geometries([f.geometry.centroid for f in features], crs, WGS84)
+    for chip in sorted(chips, key=lambda c: c.source != "hard"):
+        for i, centre in enumerate(centres):
+            if shapely.box(*chip.bounds_lonlat).covers(centre):
+                return str(i)
+    raise AssertionError(f"no detection of {predictions} lies on a chip")
+
+
+def _walk(link: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield link
+    for child in link["children"]:
+        yield from _walk(child)
+
+
+@pytest.mark.slow
+def test_reports_time_every_stage_and_history_lists_the_cycles(scenario: Scenario) -> None:
+    times = scenario.report("cycle1")["stage_times"]
+    assert set(times) == {"check", "ingest", "tile", "mine", "assemble", "train", "evaluate",
+                          "register"}
+    # One record per mapped task: three scenes tiled, two candidates trained.
+    assert (times["tile"]["parts"], times["train"]["parts"]) == (3, 2)
+    assert all(t["wall_s"] > 0 for t in times.values())
+    assert "- time per stage: check " in scenario.markdown["cycle1"]
+    storage = scenario.storage
+    assert isinstance(storage, LocalStorage)
+    listed = _autoretrain(scenario.stack, "history", "vehicle", "--storage", str(storage.root),
+                          "--json")
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    history = json.loads(listed.stdout)
+    rows = {row["cycle_id"]: row for row in history["cycles"]}
+    cycle1, cycle2 = (scenario.runs[name].cycle_id for name in ("cycle1", "cycle2"))
+    assert rows[cycle1]["status"] == "promoted" and rows[cycle2]["status"] == "completed"
+    assert rows[scenario.runs["nodata"].cycle_id]["status"] == "skipped"
+    assert [q["drop_id"] for q in rows[cycle1]["quarantined"]] == ["bad"]
+    assert rows[cycle2]["hard_by_reason"] and rows[cycle2]["stage_seconds"]["train"] > 0
+    champion = scenario.report("cycle1")["promotion"]["promoted_version"]
+    [event] = history["champion_timeline"]
+    assert (event["version"], event["by"], event["current"]) == (
+        champion, f"the gate of cycle {cycle1}", True)
+    table = _autoretrain(scenario.stack, "history", "vehicle", "--storage", str(storage.root))
+    assert table.returncode == 0 and cycle2 in table.stdout, table.stderr[-3000:]

@@ -8,6 +8,7 @@ passes by skipping them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -300,6 +301,13 @@ def test_docker_runner_trains_in_a_container(
     assert run.info.status == "FINISHED"
     assert run.data.tags["cycle_id"] == "docker-cycle"
     assert run.data.tags["dataset_version"] == "dsv-docker"
+    # Provenance: the image the training ran in, pinned by its id, and the weights' digest.
+    image_id = client.images.get(trainer_image).id
+    assert run.data.tags["container_image"] == f"{trainer_image}@{image_id}"
+    weights = tmp_path / "weights.pt"
+    s3.download_file(s3_bucket, f"models/vehicle/d1/{WEIGHTS_IN_RUN}", str(weights))
+    assert run.data.tags["weights_sha256"] == result.weights_sha256 == hashlib.sha256(
+        weights.read_bytes()).hexdigest()
     assert [a.path for a in mlflow_client.list_artifacts(run.info.run_id, "weights")] == [
         WEIGHTS_IN_RUN]
     experiment = mlflow_client.get_experiment_by_name("docker-runner")

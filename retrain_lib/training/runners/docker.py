@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from retrain_lib.core.config import DockerRunnerConfig
 from retrain_lib.core.errors import ConfigError, TrainingFailed
-from retrain_lib.training.contract import TrainRequest, TrainResult, parse_result_line
+from retrain_lib.training.contract import (
+    CONTAINER_IMAGE_ENV,
+    TrainRequest,
+    TrainResult,
+    parse_result_line,
+)
 from retrain_lib.training.runners.environment import (
     LOG_TAIL_LINES,
     TrainingEnvironment,
@@ -127,6 +132,11 @@ class DockerRunner:
         spec = self.spec(request, fresh=fresh)
         client = self._client()
         self._ensure_image(client)
+        # The image id pins what ran, whatever the tag names later (recorded on the MLflow run).
+        with contextlib.suppress(docker.errors.DockerException, *lost):
+            image_id = client.images.get(spec.image).id
+            spec = replace(spec, environment={**spec.environment,
+                                              CONTAINER_IMAGE_ENV: f"{spec.image}@{image_id}"})
         # A container of this request from an attempt that lost the Docker host is still
         # there (running, if only the connection was lost): never two trainings of one request.
         for leftover in client.containers.list(all=True, filters={

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from retrain_lib.core.config import KubernetesRunnerConfig
 from retrain_lib.core.errors import ConfigError
-from retrain_lib.training.contract import TrainRequest, TrainResult
+from retrain_lib.training.contract import CONTAINER_IMAGE_ENV, TrainRequest, TrainResult
 from retrain_lib.training.runners.environment import TrainingEnvironment
 
 __all__ = [
@@ -78,7 +78,8 @@ def pod_manifest(config: KubernetesRunnerConfig, request: TrainRequest, *,
                           "requests none (runner.kubernetes.gpus: 0); set gpus or device: cpu")
     environment = environment or TrainingEnvironment.from_process()
     # The root filesystem is read-only: caches that default to $HOME go to /tmp.
-    env = {**_public_environment(environment), "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+    env = {**_public_environment(environment), "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+           CONTAINER_IMAGE_ENV: config.image}
     in_pod = request.model_copy(update={"scratch": POD_SCRATCH, "mlflow_uri": None})
     identity = request.identity()
     requests: dict[str, str] = {}
