@@ -27,10 +27,10 @@ from retrain_lib.airflow.links import mlflow_task, publish_mlflow_link
 from retrain_lib.airflow.tasks import (
     current_cycle_id,
     hold_current_cycle,
+    record_check_time,
     release_current_cycle,
     run_cycle_stage,
     run_stage,
-    stage_timing,
 )
 from retrain_lib.core.config import ObjectTypeConfig
 
@@ -110,16 +110,17 @@ def build_retrain_dag(cfg: ObjectTypeConfig) -> DAG:
             from retrain_lib.cycle.results import TriggerDecision
 
             context = get_current_context()
-            started = datetime.now(UTC).isoformat(timespec="seconds")
-            with stage_timing(cfg, "check"):
-                check = run_stage(trigger.check_new_data, cfg,
-                                  force=context["params"]["force"], started_at=started)
+            started_at = datetime.now(UTC)
+            started = started_at.isoformat(timespec="seconds")
+            check = run_stage(trigger.check_new_data, cfg, force=context["params"]["force"],
+                              started_at=started)
             if not check["retrain"]:
                 # A re-run of a finished cycle skips too, but keeps that cycle's report.
                 run_stage(report.record_skip, cfg, current_cycle_id(context),
                           TriggerDecision.from_json(check))
                 raise AirflowSkipException(f"no retraining this time: {check['reason']}")
             hold_current_cycle(cfg)  # another cycle of this type running: retried, so it waits
+            record_check_time(cfg, started_at)
             return check
 
         @task(multiple_outputs=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from airflow.sdk import get_current_context
@@ -18,8 +19,16 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from retrain_lib.core.config import ObjectTypeConfig
 from retrain_lib.core.errors import CycleBusy, RetrainError, StorageError, TrainingFailed
 
-__all__ = ["current_cycle_id", "hold_current_cycle", "release_current_cycle", "retrain_errors",
-           "run_cycle_stage", "run_stage", "stage_timing"]
+__all__ = [
+    "current_cycle_id",
+    "hold_current_cycle",
+    "record_check_time",
+    "release_current_cycle",
+    "retrain_errors",
+    "run_cycle_stage",
+    "run_stage",
+    "stage_timing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,15 @@ def release_current_cycle(cfg: ObjectTypeConfig) -> None:
 
     with retrain_errors():
         release_cycle(cycle_settings().storage(), cfg.name, current_cycle_id())
+
+
+def record_check_time(cfg: ObjectTypeConfig, started_at: datetime) -> None:
+    """Record the check stage's time, once the running DAG run's cycle holds its type."""
+    from retrain_lib.airflow.hooks import cycle_settings
+    from retrain_lib.cycle.timing import record_stage_time
+
+    record_stage_time(cycle_settings().storage(), cfg.name, current_cycle_id(), "check",
+                      started_at)
 
 
 @contextmanager

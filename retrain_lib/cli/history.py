@@ -46,9 +46,13 @@ def history_command(
     if as_json:
         typer.echo(json.dumps(history.model_dump(mode="json"), indent=1))
         return
-    table = Table("cycle", "started", "status", "new scenes / annotations", "quarantined",
-                  "chips", "hard", "dataset", "mAP50-95 (best candidate / champion)",
-                  "decision", "time", title=f"{history.model_name}: cycles")
+    table = Table(title=f"{history.model_name}: cycles")
+    # Ids and dates stay whole; long reasons wrap within their column.
+    for name in ("cycle", "started", "status"):
+        table.add_column(name, no_wrap=True)
+    for name in ("new scenes / annotations", "quarantined", "chips", "hard", "dataset",
+                 "mAP50-95 (best candidate / champion)", "decision", "time"):
+        table.add_column(name, max_width=48 if name in ("quarantined", "decision") else None)
     for row in history.cycles:
         if row.problem:  # said in full below the table
             table.add_row(row.cycle_id, "", "[red]unreadable[/]", "", "", "", "", "", "", "",

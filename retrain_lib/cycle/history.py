@@ -23,7 +23,7 @@ from retrain_lib.cycle.champion import registry
 from retrain_lib.cycle.results import CycleReport
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.timing import STAGES
-from retrain_lib.stages.registry import ModelVersionInfo
+from retrain_lib.stages.registry import CHAMPION_ALIAS, AliasChange, ModelVersionInfo
 
 __all__ = ["ChampionEvent", "CycleRow", "History", "decided_by", "load_history"]
 
@@ -178,7 +178,21 @@ def decided_by(tags: dict[str, str] | Any) -> str:
     return f"the gate of cycle {cycle}" if cycle and tags.get("decision") else ""
 
 
-def _timeline(versions: list[ModelVersionInfo]) -> list[ChampionEvent]:
+def _timeline(versions: list[ModelVersionInfo], changes: list[AliasChange]
+              ) -> list[ChampionEvent]:
+    """Every alias move from the registry's log; for moves made before the log was kept,
+    each version's latest move from its tags."""
+    champion = next((v.version for v in versions if CHAMPION_ALIAS in v.aliases), None)
+    tags = {v.version: v.tags for v in versions}
+    logged = [ChampionEvent(
+        version=c.version, action=c.action, at=c.at, reason=c.reason,
+        by=decided_by({**tags.get(c.version, {}), "decision": c.action,
+                       "decision_reason": c.reason}),
+        replaced_version=c.replaced_version) for c in changes]
+    if logged:
+        if logged[-1].version == champion:
+            logged[-1] = logged[-1].model_copy(update={"current": True})
+        return logged
     events = []
     for info in versions:
         action = info.tags.get("decision", "")
@@ -217,4 +231,4 @@ def load_history(cfg: ObjectTypeConfig, settings: CycleSettings, *,
     versions = models.list_versions()
     champion = next((v.version for v in versions if "champion" in v.aliases), None)
     return History(object_type=cfg.name, model_name=models.model_name, champion=champion,
-                   cycles=rows, champion_timeline=_timeline(versions))
+                   cycles=rows, champion_timeline=_timeline(versions, models.alias_changes()))

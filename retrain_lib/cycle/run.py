@@ -15,7 +15,7 @@ from retrain_lib.cycle.models import evaluate_models, register_and_promote, trai
 from retrain_lib.cycle.report import write_report
 from retrain_lib.cycle.results import CycleStages, ReportWritten
 from retrain_lib.cycle.settings import CycleSettings
-from retrain_lib.cycle.timing import timed_stage
+from retrain_lib.cycle.timing import record_stage_time, timed_stage
 from retrain_lib.cycle.trigger import check_new_data
 
 __all__ = ["run_cycle"]
@@ -50,8 +50,8 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
     def timed(stage: str, part: str = "") -> AbstractContextManager[None]:
         return timed_stage(storage, cfg.name, cycle_id, stage, part)
 
-    with timed("check"):
-        check = done("check", check_new_data(cfg, settings, force=force))
+    started = datetime.now(UTC)
+    check = done("check", check_new_data(cfg, settings, force=force))
     if not check.retrain:
         return report()
 
@@ -59,6 +59,8 @@ def run_cycle(cfg: ObjectTypeConfig, settings: CycleSettings, cycle_id: str, *,
         hold_cycle(storage, cfg.name, cycle_id)
 
     hold()
+    # Recorded once the cycle holds its type: a skipped or refused run writes nothing.
+    record_stage_time(storage, cfg.name, cycle_id, "check", started)
     try:
         with timed("ingest"):
             done("ingest", ingest(cfg, settings, cycle_id))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from retrain_lib.core.layout import cycle_timing_key, cycle_timing_prefix
 from retrain_lib.core.records import Record
 from retrain_lib.core.storage import Storage
 
-__all__ = ["STAGES", "StageTime", "stage_times", "timed_stage"]
+__all__ = ["STAGES", "StageTime", "record_stage_time", "stage_times", "timed_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,20 @@ def timed_stage(storage: Storage, object_type: str, cycle_id: str, stage: str,
     """Record how long the body takes, if it ends without an error and nothing was recorded
     for this stage (and part) of the cycle yet."""
     started_at = datetime.now(UTC)
-    started = time.monotonic()
     yield
-    seconds = time.monotonic() - started
+    record_stage_time(storage, object_type, cycle_id, stage, started_at, part=part)
+
+
+def record_stage_time(storage: Storage, object_type: str, cycle_id: str, stage: str,
+                      started_at: datetime, *, part: str = "") -> None:
+    """Record that ``stage`` (and ``part``) of the cycle ran from ``started_at`` until now,
+    unless a time is recorded for it already. For a stage whose time is known only once it
+    is clear the cycle goes on (the check: a refused or skipped run writes nothing)."""
+    ended_at = datetime.now(UTC)
+    seconds = (ended_at - started_at).total_seconds()
     record = {"stage": stage, "part": part, "seconds": round(seconds, 3),
               "started_at": started_at.isoformat(timespec="milliseconds"),
-              "ended_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+              "ended_at": ended_at.isoformat(timespec="milliseconds")}
     name = stage + (f".{safe_id(part, replacement='_')}" if part else "")
     try:
         storage.create(cycle_timing_key(object_type, cycle_id, name),

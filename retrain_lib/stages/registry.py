@@ -9,6 +9,7 @@ version as tags, in numbers, so the registry alone explains why a model is or is
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,7 +23,9 @@ from retrain_lib.stages.mlflow_server import mlflow_client, mlflow_errors
 from retrain_lib.stages.weights import WEIGHTS_SHA256_TAG
 
 __all__ = [
+    "ALIAS_LOG_PREFIX",
     "CHAMPION_ALIAS",
+    "AliasChange",
     "Candidate",
     "GateDecision",
     "ModelRegistry",
@@ -32,6 +35,9 @@ __all__ = [
 ]
 
 CHAMPION_ALIAS = "champion"
+ALIAS_LOG_PREFIX = "alias_change."
+"""Registered-model tags ``alias_change.<epoch ms>.v<version>.<action>``: every move of the
+champion alias, kept (``last_alias_change`` holds only the latest)."""
 METRIC_TAG_PREFIX = "test."
 
 
@@ -148,6 +154,23 @@ class ModelVersionInfo:
     def parent(self) -> str | None:
         """The version this one was fine-tuned from."""
         return self.tags.get("parent_version") or None
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    """One move of the champion alias, as the registered model's tags record it."""
+
+    version: str
+    action: str
+    """``promoted`` or ``rolled_back``."""
+    at: str
+    reason: str
+    replaced_version: str
+
+
+def _alias_log_key(change: AliasChange) -> str:
+    epoch_ms = round(datetime.fromisoformat(change.at).timestamp() * 1000)
+    return f"{ALIAS_LOG_PREFIX}{epoch_ms:013d}.v{change.version}.{change.action}"
 
 
 def _now() -> str:
@@ -326,13 +349,46 @@ class ModelRegistry:
         replaced = current.tags.get("replaced_version", "")
         return self.get_version(replaced) if replaced else None
 
+    def _log_alias_change(self, change: AliasChange) -> None:
+        with self._calling("recording the alias change"):
+            self.client.set_registered_model_tag(
+                self.model_name, _alias_log_key(change), json.dumps({
+                    "version": change.version, "action": change.action, "at": change.at,
+                    "reason": change.reason, "replaced_version": change.replaced_version}))
+
+    def alias_changes(self) -> list[AliasChange]:
+        """Every recorded move of the champion alias, oldest first (empty before the first,
+        or for moves made before the log was kept)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self._calling("reading the alias changes"):
+                tags = dict(self.client.get_registered_model(self.model_name).tags or {})
+        except MlflowException:  # no such model yet
+            return []
+        changes = []
+        for key in sorted(k for k in tags if k.startswith(ALIAS_LOG_PREFIX)):
+            try:
+                doc = json.loads(tags[key])
+                changes.append(AliasChange(str(doc["version"]), str(doc["action"]),
+                                           str(doc["at"]), str(doc.get("reason", "")),
+                                           str(doc.get("replaced_version", ""))))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return changes
+
     def _move_champion(self, version: str, reason: str, action: str) -> str | None:
         previous = self.champion()
-        # The decision is tagged before the alias moves: a run killed in between leaves a
-        # version that says what was decided and what it replaces, so a rerun can finish.
+        # Milliseconds: two moves within a second are two entries of the log.
+        at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        # The decision is tagged (and logged) before the alias moves: a run killed in between
+        # leaves a version that says what was decided and what it replaces, so a rerun can
+        # finish.
         self._tag(version, {"decision": action, "decision_reason": reason,
-                            f"{action}_at": _now(),
+                            f"{action}_at": at,
                             "replaced_version": previous.version if previous else ""})
+        self._log_alias_change(AliasChange(version, action, at, reason,
+                                           previous.version if previous else ""))
         with self._calling(f"moving the champion alias to version {version}"):
             self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS,
                                                    str(version))
@@ -397,6 +453,10 @@ class ModelRegistry:
                 f"{'v' + expected if expected else 'no champion'}, but the champion is now "
                 f"{'v' + current.version if current else 'none'}; check the alias by hand "
                 "(autoretrain models) before re-running the cycle")
+        if info.tags.get("promoted_at"):  # the same log entry, if the stopped run wrote it
+            self._log_alias_change(AliasChange(info.version, "promoted",
+                                               info.tags["promoted_at"],
+                                               info.tags.get("decision_reason", ""), expected))
         with self._calling(f"moving the champion alias to version {info.version}"):
             self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS,
                                                    info.version)

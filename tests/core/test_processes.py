@@ -19,8 +19,10 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PARENT = """
-import subprocess, sys, time
+import signal, subprocess, sys, time
 from retrain_lib.core.processes import start_process, stop_on_sigterm, stop_process_group
+# A suite started in the background (``cmd &``) inherits SIGINT ignored; Ctrl-C is the case here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 stop_on_sigterm()
 child = start_process([sys.executable, "-c", "import time; time.sleep(300)"])
 print(child.pid, flush=True)

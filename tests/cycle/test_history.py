@@ -107,11 +107,13 @@ def test_the_history_has_a_row_per_cycle_and_names_broken_reports(
     assert "report.json is not a cycle report" in rows["c4"].problem
     assert rows["c5"].problem.startswith("no report.json")
     assert history.champion == "1"
-    timeline = {e.version: e for e in history.champion_timeline}
-    assert {(e.version, e.action, e.current) for e in timeline.values()} == {
-        ("2", "promoted", False), ("1", "rolled_back", True)}
-    assert timeline["1"].reason == "manual: regression on vegetated"
-    assert timeline["1"].replaced_version == "2" and timeline["1"].by == "by hand"
+    # Every move of the alias, in order, including the earlier promotion of the restored v1.
+    timeline = history.champion_timeline
+    assert [(e.version, e.action, e.replaced_version, e.current) for e in timeline] == [
+        ("1", "promoted", "", False), ("2", "promoted", "1", False),
+        ("1", "rolled_back", "2", True)]
+    assert timeline[2].reason == "manual: regression on vegetated"
+    assert {e.by for e in timeline} == {"by hand"}
 
 
 def test_history_command_prints_the_table_and_the_json(settings: CycleSettings,
