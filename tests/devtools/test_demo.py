@@ -129,6 +129,11 @@ def test_cycle_tables() -> None:
     assert rows["dataset"].startswith("ds-1: 248 train / 32 val images")
     assert [label for label, _ in model_rows(REPORT)] == ["candidate demo (v2)", "champion v1"]
     assert decision_lines(REPORT) == ["promoted v2 to champion", "v2: gain +0.39"]
+    timed = _report(stage_times={stage: {"wall_s": s, "busy_s": s, "parts": 1}
+                                 for stage, s in (("train", 30.0), ("ingest", 6.0),
+                                                  ("evaluate", 4.0))})
+    assert dict(summary_rows(timed))["time per stage"] == (
+        "ingest 6.0 s, train 30.0 s, evaluate 4.0 s; outside training 10 s (25%)")
     skipped = CycleReport.from_json({
         "cycle_id": "c0", "object_type": "vehicle", "status": "skipped", "written_at": "t",
         "code_version": "0.1.0", "check": {
