@@ -43,10 +43,9 @@ def cycle_command(
                                 on_stage=lambda name, _v: console.print(f"[cyan]>[/] {name} done"))
     reason = stages.check.reason if stages.check else ""
     console.print(f"cycle {cid}: [bold]{written.status}[/] ({reason}); report: {written.report}")
-    from retrain_lib.cycle.timing import stage_times
+    from retrain_lib.cycle.timing import describe_stage_times, stage_times
 
     times = stage_times(settings.storage(), cfg.name, cid)
     if times:
-        console.print("time per stage: " + ", ".join(
-            f"{stage} {t.wall_s:.1f} s" for stage, t in times.items()), highlight=False)
+        console.print("time per stage: " + describe_stage_times(times), highlight=False)
 

@@ -19,10 +19,6 @@ from retrain_lib.core.console import handle_errors
 __all__ = ["history_command"]
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 @handle_errors
 def history_command(
     object_type: Annotated[str, typer.Argument(help="Object type, e.g. vehicle.")],
@@ -39,6 +35,7 @@ def history_command(
     from retrain_lib.core.settings import default_storage_uri
     from retrain_lib.cycle.history import load_history
     from retrain_lib.cycle.settings import CycleSettings
+    from retrain_lib.cycle.timing import duration
 
     cfg = load_object_type_config(configs / f"{object_type}.yaml")
     settings = CycleSettings(storage_uri=storage or default_storage_uri(), mlflow_uri=mlflow_uri)
@@ -73,7 +70,7 @@ def history_command(
         table.add_row(row.cycle_id, row.started_at or "", row.status,
                       f"{row.new_scenes} / {row.new_annotations}", quarantined,
                       str(row.chips or ""), hard, row.dataset_version, scores, decision,
-                      _minutes(total) if total else "")
+                      duration(total) if total else "")
     console.print(table)
     for row in history.cycles:
         if row.problem:

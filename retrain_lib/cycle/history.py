@@ -22,7 +22,6 @@ from retrain_lib.core.storage import Storage
 from retrain_lib.cycle.champion import registry
 from retrain_lib.cycle.results import CycleReport
 from retrain_lib.cycle.settings import CycleSettings
-from retrain_lib.cycle.timing import STAGES
 from retrain_lib.stages.registry import CHAMPION_ALIAS, AliasChange, ModelVersionInfo
 
 __all__ = ["ChampionEvent", "CycleRow", "History", "decided_by", "load_history"]
@@ -146,9 +145,7 @@ def _row(cycle_id: str, doc: Any, url: str) -> CycleRow:
                    versions=dict(report.promotion.versions),
                    decisions={v: d.reason for v, d in report.promotion.decisions.items()})
     if report.stage_times:
-        order = {stage: i for i, stage in enumerate(STAGES)}
-        row["stage_seconds"] = {k: v.wall_s for k, v in sorted(
-            report.stage_times.items(), key=lambda kv: order.get(kv[0], len(order)))}
+        row["stage_seconds"] = {k: v.wall_s for k, v in report.stage_times.items()}
     return CycleRow.model_validate(row)
 
 
@@ -178,11 +175,10 @@ def decided_by(tags: dict[str, str] | Any) -> str:
     return f"the gate of cycle {cycle}" if cycle and tags.get("decision") else ""
 
 
-def _timeline(versions: list[ModelVersionInfo], changes: list[AliasChange]
-              ) -> list[ChampionEvent]:
+def _timeline(versions: list[ModelVersionInfo], changes: list[AliasChange],
+              champion: str | None) -> list[ChampionEvent]:
     """Every alias move from the registry's log; for moves made before the log was kept,
     each version's latest move from its tags."""
-    champion = next((v.version for v in versions if CHAMPION_ALIAS in v.aliases), None)
     tags = {v.version: v.tags for v in versions}
     logged = [ChampionEvent(
         version=c.version, action=c.action, at=c.at, reason=c.reason,
@@ -203,7 +199,7 @@ def _timeline(versions: list[ModelVersionInfo], changes: list[AliasChange]
             reason=info.tags.get("decision_reason", ""),
             by=decided_by(info.tags),
             replaced_version=info.tags.get("replaced_version", ""),
-            current="champion" in info.aliases))
+            current=info.version == champion))
     return sorted(events, key=lambda e: (e.at, int(e.version)))
 
 
@@ -229,6 +225,7 @@ def load_history(cfg: ObjectTypeConfig, settings: CycleSettings, *,
     rows.sort(key=lambda r: (r.started_at or "", r.cycle_id), reverse=True)
     models = registry(cfg, settings)
     versions = models.list_versions()
-    champion = next((v.version for v in versions if "champion" in v.aliases), None)
+    champion = next((v.version for v in versions if CHAMPION_ALIAS in v.aliases), None)
     return History(object_type=cfg.name, model_name=models.model_name, champion=champion,
-                   cycles=rows, champion_timeline=_timeline(versions, models.alias_changes()))
+                   cycles=rows,
+                   champion_timeline=_timeline(versions, models.alias_changes(), champion))

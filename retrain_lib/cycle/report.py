@@ -22,7 +22,7 @@ from retrain_lib.cycle.results import (
 )
 from retrain_lib.cycle.settings import CycleSettings
 from retrain_lib.cycle.state import record_training
-from retrain_lib.cycle.timing import stage_times
+from retrain_lib.cycle.timing import describe_stage_times, stage_times
 
 __all__ = ["cycle_status", "record_skip", "report_markdown", "write_report"]
 
@@ -36,10 +36,6 @@ def cycle_status(stages: CycleStages) -> CycleStatus:
     if stages.promotion is None:
         return "incomplete"
     return "promoted" if stages.promotion.promoted_version else "completed"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def report_markdown(report: CycleReport) -> str:
@@ -73,8 +69,7 @@ def report_markdown(report: CycleReport) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 "-" if values[k] is None else f"{values[k]:.4f}" for k in _HEADLINE) + " |")
     if report.stage_times:
-        lines.append("- time per stage: " + ", ".join(
-            f"{stage} {_duration(t.wall_s)}" for stage, t in report.stage_times.items()))
+        lines.append("- time per stage: " + describe_stage_times(report.stage_times))
     if report.promotion:
         promoted = report.promotion.promoted_version
         champion = report.promotion.champion_version

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from retrain_lib.core.records import Record
-from retrain_lib.cycle.timing import StageTime
+from retrain_lib.cycle.timing import StageTime, in_stage_order
 from retrain_lib.stages.dataset import DatasetVersion
 from retrain_lib.stages.evaluate import Metrics
 from retrain_lib.stages.ingest import DropOutcome
@@ -200,3 +200,9 @@ class CycleReport(CycleStages):
     code_version: str
     stage_times: dict[str, StageTime] | None = None
     """How long each stage took (cycle.timing), in cycle order."""
+
+    @field_validator("stage_times")
+    @classmethod
+    def _in_cycle_order(cls, times: dict[str, StageTime] | None) -> dict[str, StageTime] | None:
+        # report.json is written with sorted keys: the order is restored on reading.
+        return None if times is None else in_stage_order(times)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from retrain_lib.core.errors import StorageError
 from retrain_lib.core.io import safe_id
@@ -23,9 +24,11 @@ from retrain_lib.core.layout import cycle_timing_key, cycle_timing_prefix
 from retrain_lib.core.records import Record
 from retrain_lib.core.storage import Storage
 
-__all__ = ["STAGES", "StageTime", "record_stage_time", "stage_times", "timed_stage"]
+__all__ = ["STAGES", "StageTime", "describe_stage_times", "duration", "in_stage_order",
+           "record_stage_time", "stage_times", "timed_stage"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STAGES = ("check", "ingest", "tile", "mine", "assemble", "train", "evaluate", "register",
           "report")
@@ -40,6 +43,23 @@ class StageTime(Record):
     busy_s: float
     """Summed over the parts (scenes of ``tile``, candidates of ``train``)."""
     parts: int
+
+
+def in_stage_order(times: Mapping[str, _T]) -> dict[str, _T]:
+    """``times`` keyed by stage, in cycle order (stages this version does not know last)."""
+    order = {name: i for i, name in enumerate(STAGES)}
+    return dict(sorted(times.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def duration(seconds: float) -> str:
+    """A duration as reports and commands show it."""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def describe_stage_times(times: Mapping[str, StageTime]) -> str:
+    """``check 1.2 s, ingest 3.4 s, ...``: each stage's wall time, in cycle order."""
+    return ", ".join(f"{stage} {duration(t.wall_s)}"
+                     for stage, t in in_stage_order(times).items())
 
 
 @contextmanager
@@ -83,9 +103,8 @@ def stage_times(storage: Storage, object_type: str, cycle_id: str) -> dict[str, 
                 (begin, end, float(record["seconds"])))
         except (ValueError, KeyError, TypeError):
             continue
-    order = {name: i for i, name in enumerate(STAGES)}
-    return {stage: StageTime(
+    return in_stage_order({stage: StageTime(
         wall_s=round((max(e for _, e, _ in runs) - min(b for b, _, _ in runs)).total_seconds(),
                      3),
         busy_s=round(sum(s for _, _, s in runs), 3), parts=len(runs))
-        for stage, runs in sorted(parts.items(), key=lambda kv: order.get(kv[0], len(order)))}
+        for stage, runs in parts.items()})

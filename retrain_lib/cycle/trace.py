@@ -50,9 +50,9 @@ from retrain_lib.core.storage import Storage
 from retrain_lib.cycle.champion import registry
 from retrain_lib.cycle.history import decided_by
 from retrain_lib.cycle.settings import CycleSettings
-from retrain_lib.stages.chip_index import IndexedChip, query_chip_index
+from retrain_lib.stages.chip_index import IndexedChip, query_chip_index, read_chip_index
 from retrain_lib.stages.dataset import dataset_version_id
-from retrain_lib.stages.registry import ModelRegistry, ModelVersionInfo
+from retrain_lib.stages.registry import CHAMPION_ALIAS, ModelRegistry, ModelVersionInfo
 from retrain_lib.stages.weights import WEIGHTS_SHA256_TAG
 
 __all__ = ["LonLat", "TraceLink", "Tracer", "count_links"]
@@ -109,6 +109,7 @@ class Tracer:
         self.ancestors, self.radius_m = ancestors, radius_m
         self.verify, self.max_chips = verify, max_chips
         self._scenes: dict[str, TraceLink] = {}
+        self._hashes: dict[str, str] = {}
 
     @cached_property
     def storage(self) -> Storage:
@@ -242,7 +243,7 @@ class Tracer:
             raise InputError(f"{target}: model {name!r} is not {self.cfg.name}'s model "
                              f"({self.cfg.registered_model_name!r})")
         if alias is not None:
-            info = self.registry.champion() if alias == "champion" else None
+            info = self.registry.champion() if alias == CHAMPION_ALIAS else None
             if info is None:
                 raise InputError(f"model {name!r} has no version with alias @{alias}")
             return info.version
@@ -385,17 +386,23 @@ class Tracer:
         link = TraceLink(kind="dataset", details=details, title=(
             f"dataset {version} (cycle {card.get('cycle_id') or '-'}): "
             f"{train.get('chips', '?')} training entries, {train.get('hard_chips', 0)} hard"))
-        chips = self._chip_index(prefix)
-        problem = self._check_dataset(version, prefix, card, chips)
-        if problem:
-            link = link.model_copy(update={"status": "broken", "problem": problem})
-        if chips is None:
+        index_key = join_key(prefix, DATASET_CHIP_INDEX)
+        if not self.storage.exists(index_key):
+            problem = self._check_dataset(version, prefix, card, None)
             link.children.append(TraceLink(kind="chips", status="unverified",
                                            title="chips: no chip index",
                                            problem="assembled before chip indexes were kept: "
                                                    "the chips under a location are not known"))
-        elif location is not None:
-            link.children.append(self._chips_link(version, prefix, location))
+        else:
+            # One download serves the check (the shard hashes) and the lookup by place.
+            with self._fetched(index_key) as local:
+                shards = ({c.shard_sha256 for c in read_chip_index(local)} if self.verify
+                          else set())
+                problem = self._check_dataset(version, prefix, card, shards)
+                if location is not None:
+                    link.children.append(self._chips_link(version, local, location))
+        if problem:
+            link = link.model_copy(update={"status": "broken", "problem": problem})
         return link
 
     @contextmanager
@@ -403,18 +410,17 @@ class Tracer:
         with self.storage.local_copy(key, self.settings.scratch_dir("trace")) as local:
             yield local
 
-    def _chip_index(self, prefix: str) -> list[IndexedChip] | None:
-        from retrain_lib.stages.chip_index import read_chip_index
-
-        key = join_key(prefix, DATASET_CHIP_INDEX)
-        if not self.storage.exists(key):
-            return None
-        with self._fetched(key) as local:
-            return read_chip_index(local)
+    def _object_sha256(self, key: str) -> str:
+        """SHA-256 of a stored object, computed once per trace (chips share shards and
+        scenes)."""
+        if key not in self._hashes:
+            self._hashes[key] = self.storage.sha256(key)
+        return self._hashes[key]
 
     def _check_dataset(self, version: str, prefix: str, card: dict[str, Any],
-                       chips: Sequence[IndexedChip] | None) -> str:
-        """Why the version's lists no longer hash to its id ('' when they do)."""
+                       shards: set[str] | None) -> str:
+        """Why the version's lists no longer hash to its id ('' when they do); ``shards``:
+        the shard hashes its chip index recorded (None: no index)."""
         if not self.verify:
             return ""
         try:
@@ -425,12 +431,10 @@ class Tracer:
             test = self.storage.get_json(join_key(prefix, "test_scenes.json"))["scenes"]
         except (StorageError, KeyError, ValueError) as exc:
             return f"its lists cannot be read ({exc})"
-        if chips is not None:
-            shards = {c.shard_sha256 for c in chips}
-        else:  # an older version: hash the shard indexes it names now
+        if shards is None:  # an older version: hash the shard indexes it names now
             prefixes = {posixpath.dirname(posixpath.dirname(k))
                         for k in lists["train.txt"] + lists["val.txt"]}
-            shards = {_sha256(self.storage.get_bytes(join_key(p, SHARD_INDEX)))
+            shards = {self._object_sha256(join_key(p, SHARD_INDEX))
                       for p in prefixes if self.storage.exists(join_key(p, SHARD_INDEX))}
         found = dataset_version_id(card.get("classes", self.cfg.classes), lists["train.txt"],
                                    lists["val.txt"], test, shards)
@@ -439,9 +443,8 @@ class Tracer:
                     f"{version}: the lists were changed after assembly")
         return ""
 
-    def _chips_link(self, version: str, prefix: str, location: LonLat) -> TraceLink:
-        with self._fetched(join_key(prefix, DATASET_CHIP_INDEX)) as local:
-            near = query_chip_index(local, *location, radius_m=self.radius_m)
+    def _chips_link(self, version: str, index: Path, location: LonLat) -> TraceLink:
+        near = query_chip_index(index, *location, radius_m=self.radius_m)
         where = (f"within {self.radius_m:g} m of" if self.radius_m else "covering")
         link = TraceLink(kind="chips", title=(
             f"{len(near)} chip(s) of {version} {where} ({location[0]:.6f}, {location[1]:.6f})"),
@@ -468,13 +471,13 @@ class Tracer:
             index_key = join_key(chip.shard_prefix, SHARD_INDEX)
             if not self.storage.exists(index_key):
                 problems.append(f"its shard {self.storage.url(chip.shard_prefix)} is gone")
-            elif _sha256(self.storage.get_bytes(index_key)) != chip.shard_sha256:
+            elif self._object_sha256(index_key) != chip.shard_sha256:
                 problems.append(f"its shard index {self.storage.url(index_key)} changed after "
                                 "the dataset was assembled")
             labels = catalog_scene_key(self.cfg.name, chip.scene_id, CATALOG_ANNOTATIONS)
             if chip.labels_sha256 and self.storage.exists(labels):
-                current = self.storage.sha256(labels)
-                details["label_revision_is_current"] = current == chip.labels_sha256
+                details["label_revision_is_current"] = \
+                    self._object_sha256(labels) == chip.labels_sha256
         link = TraceLink(kind="chip", title=(
             f"{kind} chip {posixpath.basename(chip.image_key)} of {chip.scene_id} ({chip.split}"
             f", ×{chip.repeats})"), details=details,
@@ -510,7 +513,7 @@ class Tracer:
             status, problem = "unverified", "image hash not checked (--no-verify)"
         elif not self.storage.exists(scene_key):
             status, problem = "gone", f"{self.storage.url(scene_key)} is gone"
-        elif expected and self.storage.sha256(scene_key) != expected:
+        elif expected and self._object_sha256(scene_key) != expected:
             status, problem = "broken", (f"{self.storage.url(scene_key)} does not hash to the "
                                          f"{expected[:12]}… its manifest recorded at ingest")
         checked = ", image hash checked" if status == "ok" and expected else ""

@@ -39,7 +39,7 @@ from retrain_lib.core.config import (
 from retrain_lib.core.errors import ConfigError, RetrainError
 from retrain_lib.core.layout import report_key
 from retrain_lib.cycle.results import CycleReport, ModelScores
-from retrain_lib.cycle.timing import STAGES
+from retrain_lib.cycle.timing import describe_stage_times
 from retrain_lib.devtools.local_stack import (
     TASK_STARTED,
     DagRunOutcome,
@@ -284,11 +284,8 @@ def summary_rows(report: CycleReport) -> Iterator[tuple[str, str]]:
         times = report.stage_times
         total = sum(t.wall_s for t in times.values())
         outside = total - (times["train"].wall_s if "train" in times else 0.0)
-        order = {stage: i for i, stage in enumerate(STAGES)}
-        yield "time per stage", (", ".join(
-            f"{stage} {t.wall_s:.1f} s" for stage, t in sorted(
-                times.items(), key=lambda kv: order.get(kv[0], len(order))))
-            + (f"; outside training {outside:.0f} s ({outside / total:.0%})" if total else ""))
+        yield "time per stage", (describe_stage_times(times) + (
+            f"; outside training {outside:.0f} s ({outside / total:.0%})" if total else ""))
 
 
 def model_rows(report: CycleReport) -> list[tuple[str, ModelScores]]:
